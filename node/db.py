@@ -1,0 +1,233 @@
+"""Database schema and engine.
+
+Times that drive scheduling (`*_at` floats) are Unix epoch seconds: portable
+between SQLite and PostgreSQL and cheap to compare. SQLite-specific tuning
+lives in `_tune_sqlite` and nowhere else.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, Session
+
+
+def now() -> float:
+    return time.time()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    """One study as sent by one caller: keyed by (calling AE, StudyInstanceUID)
+    so that two routes carrying the same UID never merge."""
+
+    __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("calling_ae", "study_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    # receiving -> complete -> processing -> done | ignored | failed
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    first_received_at: Mapped[float] = mapped_column(Float, default=now)
+    last_received_at: Mapped[float] = mapped_column(Float, default=now, index=True)
+    completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Bumped each time the study is (re)processed; outputs and jobs carry it.
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("study_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64), default="")
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[float] = mapped_column(Float, default=now)
+    # stored -> scored | ignored | failed
+    state: Mapped[str] = mapped_column(String(16), default="stored")
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Job(Base):
+    """One unit of pipeline work, claimed under a lease.
+
+    The unique key makes enqueueing idempotent: a re-run after a crash finds
+    the row it already wrote instead of adding a second one."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("study_id", "stage", "destination", "study_version"),
+        Index("ix_jobs_claim", "state", "run_after"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(16))  # infer | encode | deliver
+    destination: Mapped[str] = mapped_column(String(64), default="")
+    study_version: Mapped[int] = mapped_column(Integer)
+    # pending -> running -> done | dead (pending again after a retryable failure)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[float] = mapped_column(Float, default=now)
+    lease_owner: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Result(Base):
+    """The model's findings for one study version (JSON: per source image)."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    demo: Mapped[bool] = mapped_column(Boolean)
+    findings_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Output(Base):
+    """An encoded DICOM object waiting for, or already past, delivery."""
+
+    __tablename__ = "outputs"
+    __table_args__ = (UniqueConstraint("study_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # sr | sc
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class FhirResource(Base):
+    """Every version of every FHIR resource Carina serves (read, vread, _history).
+
+    Search columns are denormalised from the JSON at write time so searches are
+    plain indexed SQL on both SQLite and PostgreSQL."""
+
+    __tablename__ = "fhir_resources"
+    __table_args__ = (
+        UniqueConstraint("resource_type", "resource_id", "version_id"),
+        Index("ix_fhir_current", "resource_type", "is_current"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(Integer)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_updated: Mapped[float] = mapped_column(Float, default=now)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), nullable=True, index=True)
+    patient_system: Mapped[str] = mapped_column(String(128), default="", index=True)
+    patient_value: Mapped[str] = mapped_column(String(64), default="", index=True)
+    identifier_system: Mapped[str] = mapped_column(String(128), default="")
+    identifier_value: Mapped[str] = mapped_column(String(128), default="", index=True)
+    status: Mapped[str] = mapped_column(String(32), default="")
+    effective_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # clinical date
+    body: Mapped[str] = mapped_column(Text)
+
+
+class ApiToken(Base):
+    """Bearer tokens; only the SHA-256 of the secret is ever stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(32))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    # WAL lets the API read while the SCP writes; synchronous=FULL makes a
+    # commit durable before C-STORE success goes out; busy_timeout serialises
+    # writers across threads instead of failing them.
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
+class Database:
+    def __init__(self, url: str):
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if parsed.database:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            _tune_sqlite(self.engine)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: commits on success, rolls back on any exception."""
+        with self._sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def ping(self) -> bool:
+        from sqlalchemy import text
+
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian peers the tests talk to, only when one is missing.
+set -euo pipefail
+need=()
+command -v Orthanc  >/dev/null || need+=(orthanc)
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v dsrdump  >/dev/null || need+=(dcmtk)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+[ ${#need[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -ne 0 ] && sudo="sudo"
+echo "installing Debian peers: ${need[*]}" >&2
+$sudo apt-get update
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y orthanc dcmtk dicom3tools

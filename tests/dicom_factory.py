@@ -1,0 +1,129 @@
+"""Builds realistic DICOM sources from the NIH PNGs at test time.
+
+Real PACS traffic is mostly 12-16 bit DX/CR; the shared samples are 8-bit, so
+tests generate the rest here instead of shipping binary fixtures.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+DATA = Path(__file__).resolve().parent / "data"
+NIH_PNGS = sorted(DATA.glob("nih_*.png"))
+SIIM_MONO1 = DATA / "siim_cr_jpeg_mono1.dcm"
+SIIM_MONO2 = DATA / "siim_cr_jpeg_mono2.dcm"
+
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def png_pixels(path: Path = NIH_PNGS[0]) -> np.ndarray:
+    """8-bit grey pixels of an NIH sample as uint8 [rows, cols]."""
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def make_dx(
+    pixels8: np.ndarray | None = None,
+    *,
+    bits_stored: int = 16,
+    photometric: str = "MONOCHROME2",
+    sop_class_uid: str = DX_FOR_PRESENTATION,
+    modality: str = "DX",
+    study_uid: str | None = None,
+    patient_id: str = "CARINA-TEST-001",
+    patient_name: str = "Test^Patient",
+    accession: str = "ACC0001",
+    view_position: str = "PA",
+    body_part: str = "CHEST",
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    signed: bool = False,
+) -> Dataset:
+    """A for-presentation DX (default 16-bit) made from 8-bit PNG pixels.
+
+    The 8-bit values are stretched to the full stored range, inverted for
+    MONOCHROME1 so the *rendered* image is the same radiograph either way.
+    """
+    if pixels8 is None:
+        pixels8 = png_pixels()
+    maxval = 2**bits_stored - 1
+    values = pixels8.astype(np.float64) / 255.0 * maxval
+    if photometric == "MONOCHROME1":
+        values = maxval - values
+    if signed:
+        values = values - 2 ** (bits_stored - 1)
+    stored = np.rint(values).astype(np.int16 if signed else np.uint16)
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_uid
+    now = dt.datetime(2026, 11, 21, 9, 30, 0)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = accession
+    ds.Modality = modality
+    ds.Manufacturer = "Carina Test Factory"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "XR CHEST PA"
+    ds.SeriesDescription = f"Chest {view_position}"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "F"
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = view_position
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["P", "F"] if view_position == "AP" else ["A", "F"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION" if sop_class_uid != DX_FOR_PROCESSING else "FOR PROCESSING"
+    ds.ImagerPixelSpacing = [0.139, 0.139]
+    ds.DetectorType = "SCINTILLATOR"
+    ds.BurnedInAnnotation = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleIntercept, ds.RescaleSlope = rescale if rescale else (0, 1)
+    ds.RescaleType = "US"
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME2" else -1
+    ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
+    ds.ImageLaterality = "U"  # a PA chest images both sides: "unpaired"
+    ds.LossyImageCompression = "00"
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "43799004", "SCT", "Chest"
+    ds.AnatomicRegionSequence = [region]
+    ds.PatientPosition = ""
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
+    if window is None and sop_class_uid == DX_FOR_PRESENTATION:
+        # DX for presentation must carry a VOI; a full-range window is neutral.
+        window = ((maxval + 1) / 2 - (2 ** (bits_stored - 1) if signed else 0), maxval + 1)
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def write(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
