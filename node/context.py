@@ -1,7 +1,10 @@
 """What the running node shares between its parts (API, SCP, pipeline)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from node.config import Settings
 from node.db import Database
@@ -13,4 +16,26 @@ class NodeContext:
     db: Database
     # Filled in as each part comes up; /healthz is 200 only when all are True.
     ready: dict[str, bool] = field(default_factory=lambda: {"db": False, "scp": False, "model": False})
-    model_info: object | None = None  # inference.types.ModelInfo once loaded
+    engine: Any = None  # inference.engine.InferenceEngine once the model is loaded
+    # torch modules are not safe to call from several threads at once.
+    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def model_info(self):
+        return None if self.engine is None else self.engine.model_info
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.settings.storage.data_dir)
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"

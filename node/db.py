@@ -47,8 +47,8 @@ class Study(Base):
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
-    # receiving -> complete -> processing -> done | ignored | failed
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    # received (still arriving) -> processing -> done | ignored | failed
+    state: Mapped[str] = mapped_column(String(16), default="received", index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     first_received_at: Mapped[float] = mapped_column(Float, default=now)
     last_received_at: Mapped[float] = mapped_column(Float, default=now, index=True)
@@ -179,17 +179,25 @@ class ApiToken(Base):
 
 
 def _tune_sqlite(engine: Engine) -> None:
-    # WAL lets the API read while the SCP writes; synchronous=FULL makes a
-    # commit durable before C-STORE success goes out; busy_timeout serialises
+    # WAL lets readers proceed beside the writer; synchronous=FULL makes a
+    # commit durable before C-STORE success goes out; busy_timeout queues
     # writers across threads instead of failing them.
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record):
+        # Take the write lock at BEGIN: a deferred transaction that reads and
+        # then writes can hit SQLITE_BUSY_SNAPSHOT, which busy_timeout does
+        # not retry. With IMMEDIATE, SQLite behaves like row locks would.
+        dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:

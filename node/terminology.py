@@ -6,7 +6,7 @@ one way in the PACS and another way in the EHR.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,14 +19,23 @@ TERMINOLOGY_PATH = Path(__file__).resolve().parent.parent / "fhir" / "terminolog
 class Coding:
     system: str  # FHIR system URI
     code: str
-    display: str
+    display: str  # FHIR display (the code system's preferred term)
     scheme: str  # DICOM coding scheme designator
+    # DICOM Code Meaning when it differs from the FHIR display (e.g. LOINC
+    # 18748-4 is "Diagnostic imaging study" in LOINC, "Diagnostic Imaging
+    # Report" in PS3.16 CID 7000).
+    meaning: str | None = None
+    v2_system: str | None = None  # HL7 v2 Table 0396 name, when one is known
 
     def dicom(self) -> Code:
-        return Code(self.code, self.scheme, self.display)
+        return Code(self.code, self.scheme, self.meaning or self.display)
 
     def fhir(self) -> dict:
         return {"system": self.system, "code": self.code, "display": self.display}
+
+    def v2(self) -> tuple[str, str, str]:
+        """(identifier, text, coding system) for an HL7 v2 CWE."""
+        return self.code, self.display, self.v2_system or self.scheme
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Terminology:
     findings: dict[str, FindingCodes]
     report: dict[str, Coding]
     sr: dict[str, Coding]
+    fhir: dict[str, Coding] = field(default_factory=dict)  # FHIR-only codes (Device.type, ...)
 
     def finding(self, label: str) -> FindingCodes:
         return self.findings[label]
@@ -53,6 +63,7 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
     raw = json.loads(Path(path).read_text())
     systems: dict[str, str] = raw["systems"]
     scheme_of = {uri: scheme for scheme, uri in systems.items()}
+    v2_systems = {k: v for k, v in raw.get("v2_systems", {}).items() if not k.startswith("_")}
 
     def coding(entry: dict, default_scheme: str | None = None) -> Coding:
         scheme = entry.get("scheme") or scheme_of.get(entry.get("system", ""), default_scheme)
@@ -63,6 +74,8 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
             code=entry["code"],
             display=entry.get("display") or entry["meaning"],
             scheme=scheme,
+            meaning=entry.get("meaning"),
+            v2_system=v2_systems.get(scheme),
         )
 
     findings = {}
@@ -79,4 +92,5 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
         findings=findings,
         report={k: coding(v) for k, v in raw["report"].items()},
         sr={k: coding(v) for k, v in raw["sr"].items()},
+        fhir={k: coding(v) for k, v in raw.get("fhir", {}).items()},
     )

@@ -1,0 +1,236 @@
+"""The Storage SCP: receive, store durably, record, answer. Nothing more.
+
+The C-STORE response only leaves after the handler returns, so the handler's
+whole job is to make the instance survive a crash and be known to the
+database; decoding, routing and inference happen later in the pipeline.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES, decodable_transfer_syntaxes, other_storage_classes
+from dicom_scp.durable import free_mb, move_durably
+from dicom_scp.sockets import NODELAY_HANDLER
+
+log = logging.getLogger(__name__)
+
+# Stream each incoming dataset to a temp file instead of RAM: a 1 GB instance
+# (or ten concurrent 100 MB ones) must not exhaust memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+MISSING_ATTRIBUTE = 0xC210
+
+_HEADER_TAGS = [
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+    "SeriesInstanceUID", "PatientID", "AccessionNumber", "Modality",
+    "BodyPartExamined", "ViewPosition",
+]
+_SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    calling_ae: str
+    peer_address: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    patient_id: str
+    accession_number: str
+    modality: str
+    path: Path
+    size_bytes: int
+
+
+class InstanceRecorder(Protocol):
+    def __call__(self, instance: ReceivedInstance) -> None:
+        """Commit the instance durably to the database, or raise."""
+
+
+class Refusal(Exception):
+    def __init__(self, status: int, comment: str):
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+def safe_path_component(value: str) -> str:
+    # UIDs and AE titles come from the network; never let one become "../x".
+    value = value.strip()
+    if _SAFE_NAME.match(value) and value not in {".", ".."}:
+        return value
+    return "h" + hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def instance_path(root: Path, calling_ae: str, study_uid: str, sop_uid: str) -> Path:
+    return root / safe_path_component(calling_ae) / safe_path_component(study_uid) / f"{safe_path_component(sop_uid)}.dcm"
+
+
+def _status(status: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]  # LO
+    return rsp
+
+
+class StorageSCP:
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        instances_dir: Path,
+        record: InstanceRecorder,
+        min_free_mb: float = 0,
+        max_associations: int = 10,
+        allowed_calling_aets: list[str] | None = None,
+        on_release: Callable[[str, list[str]], None] | None = None,
+    ):
+        self.instances_dir = Path(instances_dir)
+        self.record = record
+        self.min_free_mb = min_free_mb
+        self.on_release = on_release
+        self.address = (host, port)
+        self.ae = AE(ae_title=ae_title)
+        self.ae.maximum_pdu_size = 0  # no fragmentation limit on our side
+        self.ae.maximum_associations = max_associations
+        if allowed_calling_aets:
+            self.ae.require_calling_aet = list(allowed_calling_aets)
+        self.ae.add_supported_context(Verification)
+        for sop_class in CHEST_CAPABLE_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, list(decodable_transfer_syntaxes()))
+        for sop_class in other_storage_classes():
+            # Not ours to decode, so any syntax is fine: stored and marked ignored.
+            self.ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        self._server = None
+        # Which studies each open association has brought, for the release hook.
+        self._studies_by_assoc: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        handlers = [
+            NODELAY_HANDLER,
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._pop_association),
+        ]
+        self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self.address)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.address[1]
+
+    # -- handlers ----------------------------------------------------------
+    def _on_store(self, event: evt.Event):
+        request = event.request
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        try:
+            self._check_disk()
+            received = self._store(event)
+            self.record(received)
+            self._remember(event, received.study_uid)
+        except Refusal as refusal:
+            log.warning("C-STORE %s refused: %s", sop_uid, refusal.comment)
+            self._discard(event)
+            return _status(refusal.status, refusal.comment)
+        except Exception as exc:  # a handler must answer, never take the process down
+            log.exception("C-STORE %s failed", sop_uid)
+            self._discard(event)
+            return _status(OUT_OF_RESOURCES, f"could not record instance: {type(exc).__name__}")
+        log.info("stored %s study=%s from %s", received.sop_instance_uid, received.study_uid, received.calling_ae)
+        return SUCCESS
+
+    def _on_released(self, event: evt.Event) -> None:
+        studies = self._pop_association(event)
+        if studies and self.on_release is not None:
+            try:
+                self.on_release(event.assoc.requestor.ae_title, sorted(studies))
+            except Exception:
+                log.exception("release hook failed")
+
+    def _pop_association(self, event: evt.Event) -> set[str]:
+        with self._lock:
+            return self._studies_by_assoc.pop(id(event.assoc), set())
+
+    def _remember(self, event: evt.Event, study_uid: str) -> None:
+        with self._lock:
+            self._studies_by_assoc.setdefault(id(event.assoc), set()).add(study_uid)
+
+    def _check_disk(self) -> None:
+        if self.min_free_mb and free_mb(self.instances_dir) < self.min_free_mb:
+            raise Refusal(OUT_OF_RESOURCES, "storage below configured free-space floor")
+
+    def _store(self, event: evt.Event) -> ReceivedInstance:
+        request = event.request
+        temp = Path(event.dataset_path)
+        try:
+            header = dcmread(temp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+            raise Refusal(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
+
+        sop_class = str(header.get("SOPClassUID", "") or "")
+        sop_uid = str(header.get("SOPInstanceUID", "") or "")
+        study_uid = str(header.get("StudyInstanceUID", "") or "")
+        if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
+            raise Refusal(DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the request")
+        if not study_uid:
+            raise Refusal(MISSING_ATTRIBUTE, "missing StudyInstanceUID")
+
+        calling_ae = event.assoc.requestor.ae_title
+        final = instance_path(self.instances_dir, calling_ae, study_uid, sop_uid)
+        size = temp.stat().st_size
+        move_durably(temp, final)
+
+        def text(keyword: str) -> str:
+            value = header.get(keyword, "")
+            return "" if value is None else str(value).strip()
+
+        return ReceivedInstance(
+            calling_ae=calling_ae,
+            peer_address=str(event.assoc.requestor.address),
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_uid,
+            study_uid=study_uid,
+            series_uid=text("SeriesInstanceUID"),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            patient_id=text("PatientID"),
+            accession_number=text("AccessionNumber"),
+            modality=text("Modality"),
+            path=final,
+            size_bytes=size,
+        )
+
+    @staticmethod
+    def _discard(event: evt.Event) -> None:
+        try:
+            Path(event.dataset_path).unlink(missing_ok=True)
+        except (AttributeError, OSError):
+            pass

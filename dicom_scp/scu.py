@@ -1,0 +1,66 @@
+"""The Storage SCU: send a study's outputs over one association."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_scp.sockets import NODELAY_HANDLER
+
+log = logging.getLogger(__name__)
+
+
+class SendError(Exception):
+    """The destination could not be reached or refused the association."""
+
+
+@dataclass
+class SendReport:
+    statuses: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> DIMSE status
+
+    @property
+    def failed(self) -> dict[str, int]:
+        # 0xB000-0xB007 are warnings (e.g. coercion): the instance is stored.
+        return {uid: st for uid, st in self.statuses.items() if st != 0x0000 and not 0xB000 <= st <= 0xB0FF}
+
+
+def send_files(
+    paths: list[Path],
+    *,
+    calling_ae: str,
+    called_ae: str,
+    host: str,
+    port: int,
+    timeout: float = 30.0,
+) -> SendReport:
+    """C-STORE every file; one association for all of them.
+
+    Raises SendError when no association is possible; per-instance failures
+    are in the report so the caller can decide what to retry."""
+    datasets = [dcmread(p) for p in paths]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.maximum_pdu_size = 0
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        # Our objects are written Explicit VR LE; Implicit is the universal fallback.
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER])
+    if not assoc.is_established:
+        raise SendError(f"association with {called_ae}@{host}:{port} not established")
+    report = SendReport()
+    try:
+        for ds in datasets:
+            uid = str(ds.SOPInstanceUID)
+            rsp = assoc.send_c_store(ds)
+            if not assoc.is_established and not rsp:
+                raise SendError(f"association with {called_ae} lost while sending {uid}")
+            report.statuses[uid] = int(rsp.Status) if rsp and "Status" in rsp else 0xFFFF
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return report

@@ -1,0 +1,161 @@
+"""`/api/v1`: the operator's view of studies and the pipeline."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from sqlalchemy import func, select
+
+from inference.types import DEMO_WARNING
+from node.api.auth import require_token
+from node.db import Instance, Job, Output, Result, Study
+
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
+
+
+def _iso(t: float | None) -> str | None:
+    import datetime as dt
+
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
+
+
+def _job_view(job: Job) -> dict:
+    return {
+        "id": job.id,
+        "stage": job.stage,
+        "destination": job.destination or None,
+        "study_version": job.study_version,
+        "state": job.state,
+        "attempts": job.attempts,
+        "next_attempt_at": _iso(job.run_after) if job.state == "pending" else None,
+        "last_error": job.last_error or None,
+    }
+
+
+def _findings_view(result: Result | None) -> list[dict]:
+    if result is None:
+        return []
+    images = []
+    for sop_uid, item in json.loads(result.findings_json).items():
+        images.append({
+            "sop_instance_uid": sop_uid,
+            "findings": [
+                {
+                    "label": f["label"],
+                    "probability": round(f["probability"], 4),
+                    "threshold": round(f["threshold"], 4),
+                    "positive": f["positive"],
+                    "regions": [r["bbox"] for r in f.get("regions", [])],
+                }
+                for f in item["findings"]
+            ],
+        })
+    return images
+
+
+def study_view(s, study: Study) -> dict:
+    result = s.scalar(select(Result).where(Result.study_id == study.id).order_by(Result.version.desc()).limit(1))
+    jobs = s.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
+    instances = s.scalars(select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)).all()
+    outputs = s.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.kind.desc(), Output.id)).all()
+    latest = {}
+    for job in jobs:
+        if job.stage == "deliver":
+            latest[job.destination] = job  # ordered by id: the newest version wins
+    return {
+        "study_instance_uid": study.study_uid,
+        "calling_ae": study.calling_ae,
+        "state": study.state,
+        "reason": study.reason or None,
+        "version": study.version,
+        "patient_id": study.patient_id,
+        "accession_number": study.accession_number,
+        "first_received_at": _iso(study.first_received_at),
+        "last_received_at": _iso(study.last_received_at),
+        "completed_at": _iso(study.completed_at),
+        "model": None if result is None else {
+            "name": result.model_name,
+            "version": result.model_version,
+            "demo": result.demo,
+            "caveat": DEMO_WARNING if result.demo else None,
+        },
+        "images": _findings_view(result),
+        "instances": [
+            {"sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid, "state": i.state, "reason": i.reason or None}
+            for i in instances
+        ],
+        "outputs": [
+            {"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "series_instance_uid": o.series_uid, "version": o.version}
+            for o in outputs
+        ],
+        "deliveries": [
+            {"destination": name, "state": j.state, "attempts": j.attempts, "study_version": j.study_version,
+             "next_attempt_at": _iso(j.run_after) if j.state == "pending" else None, "last_error": j.last_error or None}
+            for name, j in latest.items()
+        ],
+        "jobs": [_job_view(j) for j in jobs],
+    }
+
+
+@router.get("/studies")
+def list_studies(request: Request, state: str | None = None, limit: int = Query(50, ge=1, le=500)):
+    db = request.app.state.node.db
+    with db.session() as s:
+        stmt = select(Study).order_by(Study.last_received_at.desc()).limit(limit)
+        if state:
+            stmt = stmt.where(Study.state == state)
+        studies = s.scalars(stmt).all()
+        counts = dict(s.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+        return {
+            "counts": counts,
+            "studies": [
+                {
+                    "study_instance_uid": st.study_uid,
+                    "calling_ae": st.calling_ae,
+                    "state": st.state,
+                    "reason": st.reason or None,
+                    "version": st.version,
+                    "last_received_at": _iso(st.last_received_at),
+                    "positives": _positives(s, st),
+                }
+                for st in studies
+            ],
+        }
+
+
+def _positives(s, study: Study) -> list[str]:
+    result = s.scalar(select(Result).where(Result.study_id == study.id).order_by(Result.version.desc()).limit(1))
+    if result is None:
+        return []
+    labels = {f["label"] for item in json.loads(result.findings_json).values() for f in item["findings"] if f["positive"]}
+    return sorted(labels)
+
+
+@router.get("/studies/{study_uid}")
+def get_study(request: Request, study_uid: str, calling_ae: str | None = None):
+    db = request.app.state.node.db
+    with db.session() as s:
+        stmt = select(Study).where(Study.study_uid == study_uid).order_by(Study.last_received_at.desc())
+        if calling_ae:
+            stmt = stmt.where(Study.calling_ae == calling_ae)
+        studies = s.scalars(stmt).all()
+        if not studies:
+            raise HTTPException(404, f"no study {study_uid}" + (f" from {calling_ae}" if calling_ae else ""))
+        view = study_view(s, studies[0])
+        # Same UID from another sender is a different study; say so.
+        view["other_routes"] = [st.calling_ae for st in studies[1:]]
+        return view
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, state: str | None = None, stage: str | None = None, limit: int = Query(100, ge=1, le=1000)):
+    db = request.app.state.node.db
+    with db.session() as s:
+        stmt = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            stmt = stmt.where(Job.state == state)
+        if stage:
+            stmt = stmt.where(Job.stage == stage)
+        jobs = s.scalars(stmt).all()
+        backlog = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        return {"counts": backlog, "jobs": [_job_view(j) | {"study_id": j.study_id} for j in jobs]}

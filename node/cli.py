@@ -1,0 +1,105 @@
+"""The `carina` command. Every subcommand reads the same configuration:
+--config PATH, else $CARINA_CONFIG, else config/carina.yaml."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from node.config import ConfigError, load_settings
+
+
+def _settings(args):
+    try:
+        return load_settings(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"carina: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _db(settings):
+    from node.db import Database
+
+    db = Database(settings.database_url)
+    db.create_schema()
+    return db
+
+
+def cmd_serve(args) -> int:
+    settings = _settings(args)  # a bad key stops us before torch is even imported
+    from node.service import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_token_create(args) -> int:
+    from node.api.auth import create_token
+
+    try:
+        token = create_token(_db(_settings(args)), args.name, args.role)
+    except ValueError as exc:
+        print(f"carina: {exc}", file=sys.stderr)
+        return 2
+    print(f"token {args.name!r} ({args.role}) created; it is shown once, store it now:")
+    print(token)
+    return 0
+
+
+def cmd_jobs_list(args) -> int:
+    from sqlalchemy import select
+
+    from node.db import Job
+
+    db = _db(_settings(args))
+    with db.session() as s:
+        stmt = select(Job).order_by(Job.id)
+        if args.state:
+            stmt = stmt.where(Job.state == args.state)
+        for j in s.scalars(stmt):
+            print(f"{j.id}\t{j.stage}\t{j.destination or '-'}\tstudy={j.study_id} v{j.study_version}\t{j.state}\tattempts={j.attempts}\t{j.last_error[:120]}")
+    return 0
+
+
+def cmd_jobs_retry(args) -> int:
+    from node.jobs import requeue_dead
+
+    count = requeue_dead(_db(_settings(args)), args.ids or None)
+    print(f"re-queued {count} dead-letter job(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: otherwise a subcommand's default None overwrites a --config
+    # given before the subcommand name.
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML configuration (default: $CARINA_CONFIG or config/carina.yaml)")
+    parser = argparse.ArgumentParser(prog="carina", description="Carina chest X-ray AI node", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the node (DICOM SCP, pipeline, HTTP API)")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", parents=[common], help="create a bearer token (printed once, last line)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", default="integration", choices=["integration", "admin", "viewer"])
+    create.set_defaults(func=cmd_token_create)
+
+    jobs = sub.add_parser("jobs", help="pipeline jobs").add_subparsers(dest="action", required=True)
+    jl = jobs.add_parser("list", parents=[common], help="list jobs")
+    jl.add_argument("--state", choices=["pending", "running", "done", "dead"])
+    jl.set_defaults(func=cmd_jobs_list)
+    jr = jobs.add_parser("retry", parents=[common], help="re-queue dead-letter jobs (all, or the given ids)")
+    jr.add_argument("ids", nargs="*", type=int)
+    jr.set_defaults(func=cmd_jobs_retry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Study completion: a study is complete once no instance of it has arrived
+for `dicom.stable_seconds`. DICOM has no "end of study" message, so quiet time
+is the only signal that works with every PACS and modality."""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import func, select
+
+from node.db import Database, Instance, Study, now
+from node.jobs import enqueue
+
+log = logging.getLogger(__name__)
+
+
+def complete_quiet_studies(db: Database, stable_seconds: float, *, at: float | None = None, limit: int = 100) -> list[int]:
+    """Move quiet studies to processing (queueing inference) or ignored."""
+    cutoff = (now() if at is None else at) - stable_seconds
+    completed: list[int] = []
+    with db.session() as s:
+        studies = s.scalars(
+            select(Study)
+            .where(Study.state == "received", Study.last_received_at <= cutoff)
+            .order_by(Study.last_received_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for study in studies:
+            scoreable = s.scalar(
+                select(func.count()).select_from(Instance).where(Instance.study_id == study.id, Instance.state.in_(("stored", "scored")))
+            )
+            study.version += 1
+            study.completed_at = now()
+            if scoreable:
+                study.state = "processing"
+                enqueue(s, study.id, "infer", study.version)
+                log.info("study %s complete (version %d): queued for inference", study.study_uid, study.version)
+            else:
+                study.state = "ignored"
+                study.reason = "no chest radiograph in study"
+                log.info("study %s complete: ignored (no chest radiograph)", study.study_uid)
+            completed.append(study.id)
+    return completed

@@ -1,0 +1,73 @@
+"""Records what the SCP stored. Runs inside the C-STORE handler, so it does
+one short transaction and nothing else."""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES
+from dicom_scp.scp import ReceivedInstance
+from node.db import Database, Instance, Study, now
+
+log = logging.getLogger(__name__)
+
+NOT_CHEST = "ignored: not a chest radiograph"
+
+
+def record_instance(db: Database, received: ReceivedInstance, attempts: int = 3) -> None:
+    # Two associations may create the same study at once; the loser of the
+    # unique-key race simply runs again and finds the winner's row.
+    for attempt in range(1, attempts + 1):
+        try:
+            _record(db, received)
+            return
+        except (IntegrityError, OperationalError):
+            if attempt == attempts:
+                raise
+            log.info("retrying record of %s after a concurrent write", received.sop_instance_uid)
+
+
+def _record(db: Database, received: ReceivedInstance) -> None:
+    t = now()
+    with db.session() as s:
+        study = s.scalar(
+            select(Study)
+            .where(Study.calling_ae == received.calling_ae, Study.study_uid == received.study_uid)
+            .with_for_update()
+        )
+        if study is None:
+            study = Study(
+                calling_ae=received.calling_ae,
+                study_uid=received.study_uid,
+                patient_id=received.patient_id[:64],
+                accession_number=received.accession_number[:16],
+                first_received_at=t,
+            )
+            s.add(study)
+            s.flush()
+        instance = s.scalar(
+            select(Instance).where(Instance.study_id == study.id, Instance.sop_instance_uid == received.sop_instance_uid)
+        )
+        is_new = instance is None
+        if is_new:
+            instance = Instance(study_id=study.id, sop_instance_uid=received.sop_instance_uid)
+            s.add(instance)
+        chest = received.sop_class_uid in CHEST_CAPABLE_SOP_CLASSES
+        instance.sop_class_uid = received.sop_class_uid
+        instance.series_uid = received.series_uid
+        instance.transfer_syntax_uid = received.transfer_syntax_uid
+        instance.path = str(received.path)
+        instance.size_bytes = received.size_bytes
+        instance.received_at = t
+        instance.state = "stored" if chest else "ignored"
+        instance.reason = "" if chest else NOT_CHEST
+
+        study.last_received_at = t
+        if study.state != "received" and is_new:
+            # A late arrival: the study is processed again as a new version
+            # once it is quiet; the pipeline supersedes the earlier results.
+            log.info("study %s reopened by late instance %s", study.study_uid, received.sop_instance_uid)
+            study.state = "received"
+            study.reason = ""

@@ -1,0 +1,120 @@
+"""`carina serve`: bring up the database, SCP, scheduler, model, workers and
+HTTP API in one process, and take them down cleanly."""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from functools import partial
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_scp.scp import StorageSCP
+from node.api.app import create_app
+from node.completion import complete_quiet_studies
+from node.config import Settings
+from node.context import NodeContext
+from node.db import Database
+from node.receiver import record_instance
+from node.worker import WorkerPool
+
+log = logging.getLogger("carina")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    # UIDs only in logs, never patient names: handlers log SOP/Study UIDs.
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def prepare_storage(ctx: NodeContext) -> None:
+    for d in (ctx.instances_dir, ctx.outputs_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    # Partial uploads from a crash are not acknowledged instances; drop them.
+    shutil.rmtree(ctx.tmp_dir, ignore_errors=True)
+    ctx.tmp_dir.mkdir(parents=True)
+    # pynetdicom streams C-STORE data to tempfile's directory; keeping it on
+    # the storage filesystem makes the final os.replace an atomic rename.
+    tempfile.tempdir = str(ctx.tmp_dir)
+
+
+def load_engine(ctx: NodeContext) -> None:
+    from inference import InferenceEngine, load_model
+
+    try:
+        inf = ctx.settings.inference
+        loaded = load_model(inf.weights, device=inf.device, cpu_threads=inf.cpu_threads)
+        ctx.engine = InferenceEngine(loaded, region_threshold=inf.region_threshold)
+        info = ctx.engine.model_info
+        log.info("model ready: %s %s%s", info.name, info.version, f" — {info.caveat}" if info.demo else "")
+        ctx.ready["model"] = True
+    except Exception:
+        log.exception("model failed to load; the node stays up but will not score studies")
+
+
+class Node:
+    """All parts of a running node; start() then stop()."""
+
+    def __init__(self, settings: Settings):
+        self.ctx = NodeContext(settings=settings, db=Database(settings.database_url))
+        self.scp: StorageSCP | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.workers: WorkerPool | None = None
+
+    def start(self) -> None:
+        ctx, s = self.ctx, self.ctx.settings
+        prepare_storage(ctx)
+        ctx.db.create_schema()
+        ctx.ready["db"] = True
+        self.scp = StorageSCP(
+            ae_title=s.dicom.ae_title,
+            host=s.dicom.host,
+            port=s.dicom.port,
+            instances_dir=ctx.instances_dir,
+            record=partial(record_instance, ctx.db),
+            min_free_mb=s.storage.min_free_mb,
+            max_associations=s.dicom.max_associations,
+            allowed_calling_aets=s.dicom.allowed_calling_aets,
+        )
+        self.scp.start()
+        ctx.ready["scp"] = True
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.scheduler.add_job(
+            complete_quiet_studies,
+            "interval",
+            args=[ctx.db, s.dicom.stable_seconds],
+            seconds=max(0.2, min(1.0, s.dicom.stable_seconds / 5)),
+            max_instances=1,
+            coalesce=True,
+            id="study-completion",
+        )
+        self.scheduler.start()
+        self.workers = WorkerPool(ctx, s.pipeline.workers)
+        threading.Thread(target=self._model_then_workers, name="model-loader", daemon=True).start()
+
+    def _model_then_workers(self) -> None:
+        load_engine(self.ctx)
+        if self.ctx.engine is not None:
+            self.workers.start()
+
+    def stop(self) -> None:
+        if self.scp:
+            self.scp.stop()
+        if self.scheduler:
+            self.scheduler.shutdown(wait=False)
+        if self.workers:
+            self.workers.stop()
+        self.ctx.db.dispose()
+
+
+def serve(settings: Settings) -> None:
+    configure_logging()
+    node = Node(settings)
+    node.start()
+    try:
+        config = uvicorn.Config(create_app(node.ctx), host=settings.api.host, port=settings.api.port, log_config=None, access_log=False)
+        uvicorn.Server(config).run()
+    finally:
+        node.stop()

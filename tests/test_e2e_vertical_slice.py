@@ -1,0 +1,123 @@
+"""The whole loop against real software:
+
+dcmtk storescu (modality) -> Carina -> Orthanc (PACS) gets SR + heatmap SCs in
+the same study; dciodvfy validates each; dsrdump parses the SR; an EHR pulls
+the DiagnosticReport with the fhirpy client library.
+"""
+from __future__ import annotations
+
+import pytest
+from fhirpy import SyncFHIRClient
+from pydicom import dcmread
+
+from dicom_factory import SIIM_MONO1, make_dx, write
+from inference.types import CHESTXRAY14, DEMO_WARNING
+from peers import CarinaNode, Orthanc, dciodvfy_errors, dsrdump, storescu, wait_until
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    pacs = Orthanc(work / "orthanc").start()
+    node = CarinaNode(
+        work / "carina",
+        destinations=[{"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
+    )
+    node.create_token()
+    node.start()
+    dx = make_dx(patient_id="E2E-DX-16", accession="E2E0001")
+    dx_path = write(dx, work / "dx16.dcm")
+    cr = dcmread(SIIM_MONO1)
+    sent = storescu(node.dicom_port, SIIM_MONO1, extra=("-xy",))  # propose JPEG baseline, as the file is
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    sent = storescu(node.dicom_port, dx_path)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    studies = {"cr": cr, "dx": dx}
+    try:
+        yield node, pacs, studies, work
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def _sop_class(pacs: Orthanc, instance: dict) -> str:
+    from peers import http_json
+
+    return http_json(f"{pacs.url}/instances/{instance['ID']}/metadata/SopClassUid")
+
+
+@pytest.mark.parametrize("which", ["cr", "dx"])
+def test_pacs_receives_valid_sr_and_heatmaps_in_the_source_study(loop, which):
+    node, pacs, studies, work = loop
+    source = studies[which]
+    study_uid = source.StudyInstanceUID
+
+    state = wait_until(lambda: (v := node.api(f"/api/v1/studies/{study_uid}"))["state"] in ("done", "failed") and v, 240,
+                       what=f"{which} study processed")
+    assert state["state"] == "done", state
+    wait_until(lambda: all(d["state"] == "done" for d in node.api(f"/api/v1/studies/{study_uid}")["deliveries"]), 120,
+               what="delivery to Orthanc")
+
+    instances = pacs.study_instances(study_uid)
+    by_class: dict[str, list[dict]] = {}
+    for inst in instances:
+        by_class.setdefault(_sop_class(pacs, inst), []).append(inst)
+    assert len(by_class.get(SR_CLASS, [])) == 1, by_class.keys()
+    positives = {f["label"] for img in state["images"] for f in img["findings"] if f["positive"]}
+    # One SC per positive finding plus one summary, per scored image.
+    assert len(by_class.get(SC_CLASS, [])) - (1 if source.SOPClassUID == SC_CLASS else 0) == len(positives) + 1
+
+    outputs = [i for i in instances if i["MainDicomTags"]["SOPInstanceUID"] != source.SOPInstanceUID]
+    for inst in outputs:
+        path = pacs.download(inst["ID"], work / f"{inst['ID']}.dcm")
+        assert dciodvfy_errors(path) == [], f"dciodvfy errors in {path}"
+        ds = dcmread(path)
+        assert ds.StudyInstanceUID == study_uid and ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        assert ds.SeriesDescription
+        if ds.SOPClassUID == SR_CLASS:
+            dump = dsrdump(path)
+            assert "Imaging Measurement Report" in dump or "18748-4" in dump
+            assert DEMO_WARNING in dump
+            assert ds.VerificationFlag == "UNVERIFIED"
+            for label in ("Pneumothorax", "Cardiomegaly"):
+                assert label.lower() in dump.lower()
+
+
+def test_ehr_pulls_diagnostic_report_with_14_observations(loop):
+    node, pacs, studies, _ = loop
+    dx = studies["dx"]
+    wait_until(lambda: node.api(f"/api/v1/studies/{dx.StudyInstanceUID}")["state"] == "done", 240, what="dx study done")
+    client = SyncFHIRClient(f"{node.url}/fhir", authorization=f"Bearer {node.token}")
+    bundle = (
+        client.resources("DiagnosticReport")
+        .search(**{"patient:identifier": dx.PatientID})
+        .include("DiagnosticReport", "result")
+        .fetch_raw()
+    )
+    reports = [e.resource for e in bundle.entry if e.resource.resourceType == "DiagnosticReport"]
+    observations = [e.resource for e in bundle.entry if e.resource.resourceType == "Observation"]
+    assert len(reports) == 1
+    report = reports[0]
+    assert len(report.result) == len(CHESTXRAY14) == 14
+    assert len(observations) == 14
+    assert report.status == "preliminary"
+    assert DEMO_WARNING in report.conclusion
+    assert report.imagingStudy
+
+
+def test_api_requires_a_token_and_shows_study_state(loop):
+    import urllib.error
+
+    from peers import http_json
+
+    node, _, studies, _ = loop
+    with pytest.raises(urllib.error.HTTPError) as err:
+        http_json(f"{node.url}/api/v1/studies/{studies['dx'].StudyInstanceUID}")
+    assert err.value.code == 401
+    view = node.api(f"/api/v1/studies/{studies['dx'].StudyInstanceUID}")
+    assert view["model"]["demo"] is True and view["model"]["caveat"] == DEMO_WARNING
+    assert len(view["images"][0]["findings"]) == 14

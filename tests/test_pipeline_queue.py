@@ -1,0 +1,132 @@
+"""Completion detection and the persisted job queue, on a real SQLite database."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicom_scp.scp import ReceivedInstance
+from node.completion import complete_quiet_studies
+from node.db import Database, Job, Study, now
+from node.jobs import Backoff, claim, enqueue, fail, requeue_dead, succeed
+from node.receiver import record_instance
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'q.db'}")
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+def received(study="1.2.3", sop="1.2.3.1", sop_class=CR, ae="MOD") -> ReceivedInstance:
+    return ReceivedInstance(
+        calling_ae=ae, peer_address="127.0.0.1", sop_class_uid=sop_class, sop_instance_uid=sop, study_uid=study,
+        series_uid="1.2.3.9", transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="P1", accession_number="A1",
+        modality="CR", path=Path("/nonexistent"), size_bytes=1,
+    )
+
+
+def jobs(db, **where):
+    with db.session() as s:
+        stmt = select(Job)
+        for key, value in where.items():
+            stmt = stmt.where(getattr(Job, key) == value)
+        return s.scalars(stmt).all()
+
+
+def study(db, uid="1.2.3"):
+    with db.session() as s:
+        return s.scalars(select(Study).where(Study.study_uid == uid)).one()
+
+
+def test_study_completes_only_after_quiet_period(db):
+    record_instance(db, received(sop="1.1"))
+    t = now()
+    assert complete_quiet_studies(db, stable_seconds=5, at=t + 1) == []
+    record_instance(db, received(sop="1.2"))
+    assert complete_quiet_studies(db, stable_seconds=5, at=t + 2) == []
+    assert len(complete_quiet_studies(db, stable_seconds=5, at=now() + 6)) == 1
+    st = study(db)
+    assert (st.state, st.version) == ("processing", 1)
+    assert [(j.stage, j.study_version) for j in jobs(db)] == [("infer", 1)]
+    # Completing again does nothing: the study is no longer receiving.
+    assert complete_quiet_studies(db, stable_seconds=5, at=now() + 60) == []
+
+
+def test_study_without_chest_images_is_ignored_with_reason(db):
+    record_instance(db, received(sop="9.1", sop_class=CT))
+    complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)
+    st = study(db)
+    assert st.state == "ignored" and "no chest radiograph" in st.reason
+    assert jobs(db) == []
+
+
+def test_late_arrival_reopens_and_bumps_version(db):
+    record_instance(db, received(sop="1.1"))
+    complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)
+    record_instance(db, received(sop="1.1"))  # a re-send of the same instance does not reopen
+    assert study(db).state == "processing"
+    record_instance(db, received(sop="1.2"))  # a new instance does
+    assert study(db).state == "received"
+    complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)
+    assert study(db).version == 2
+    assert sorted(j.study_version for j in jobs(db, stage="infer")) == [1, 2]
+
+
+def test_enqueue_is_idempotent(db):
+    record_instance(db, received())
+    sid = study(db).id
+    with db.session() as s:
+        enqueue(s, sid, "deliver", 1, destination="pacs")
+        enqueue(s, sid, "deliver", 1, destination="pacs")
+    assert len(jobs(db, stage="deliver")) == 1
+
+
+def test_lease_expiry_lets_another_worker_take_the_job(db):
+    record_instance(db, received())
+    with db.session() as s:
+        enqueue(s, study(db).id, "infer", 1)
+    first = claim(db, "worker-a", lease_seconds=300)
+    assert first is not None and first.attempts == 1
+    assert claim(db, "worker-b", lease_seconds=30) is None  # leased
+    with db.session() as s:  # worker-a "crashes": its lease runs out
+        s.get(Job, first.id).lease_until = now() - 1
+    second = claim(db, "worker-c", lease_seconds=30)
+    assert second is not None and second.id == first.id and second.attempts >= 2
+    # The crashed worker's late success must not overwrite the new owner's job.
+    assert succeed(db, first) is False
+    assert succeed(db, second) is True
+    assert jobs(db)[0].state == "done"
+
+
+def test_retries_back_off_then_dead_letter_then_requeue(db):
+    record_instance(db, received())
+    with db.session() as s:
+        enqueue(s, study(db).id, "deliver", 1, destination="pacs")
+    backoff = Backoff(base=10, cap=100)
+    job = claim(db, "w", 30)
+    assert fail(db, job, "PACS down", retryable=True, max_attempts=2, backoff=backoff) == "pending"
+    pending = jobs(db)[0]
+    assert pending.run_after >= now() + 4  # at least half of the first 10 s step
+    assert claim(db, "w", 30) is None  # not runnable until its backoff elapses
+    with db.session() as s:
+        s.get(Job, pending.id).run_after = 0
+    job = claim(db, "w", 30)
+    assert fail(db, job, "PACS still down", retryable=True, max_attempts=2, backoff=backoff) == "dead"
+    dead = jobs(db)[0]
+    assert dead.state == "dead" and dead.last_error == "PACS still down"
+    assert requeue_dead(db) == 1
+    assert jobs(db)[0].state == "pending" and jobs(db)[0].attempts == 0
+
+
+def test_backoff_grows_exponentially_with_a_cap():
+    b = Backoff(base=2, cap=60)
+    for attempt, step in [(1, 2), (2, 4), (3, 8), (10, 60)]:
+        for _ in range(20):
+            assert step / 2 <= b.delay(attempt) <= step

@@ -1,0 +1,169 @@
+"""The Storage SCP against dcmtk peers (echoscu, storescu) and a real database."""
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
+
+from dicom_scp.scp import StorageSCP, instance_path, safe_path_component
+from dicom_scp.sockets import _set_nodelay
+from dicom_scp.contexts import decodable_transfer_syntaxes
+from dicom_factory import SIIM_MONO1, make_dx, write
+from node.db import Database, Instance, Study
+from node.receiver import NOT_CHEST, record_instance
+from peers import free_port, require_tool, store_responses, storescu
+
+
+@pytest.fixture
+def db(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'scp.db'}")
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+def start_scp(tmp_path, db, **kwargs) -> StorageSCP:
+    recorder = kwargs.pop("record", None) or (lambda inst: record_instance(db, inst))
+    scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(), instances_dir=tmp_path / "instances", record=recorder, **kwargs)
+    scp.start()
+    return scp
+
+
+@pytest.fixture
+def scp(tmp_path, db):
+    server = start_scp(tmp_path, db)
+    yield server
+    server.stop()
+
+
+def test_echo_answers(scp):
+    tool = require_tool("echoscu")
+    proc = subprocess.run([tool, "-aet", "MOD", "-aec", "CARINA", "127.0.0.1", str(scp.port)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_stores_dx_and_jpeg_cr_durably_with_rows(scp, db, tmp_path):
+    dx = write(make_dx(), tmp_path / "dx.dcm")
+    proc = storescu(scp.port, dx, calling_ae="MODALITY")
+    assert proc.returncode == 0, proc.stderr
+    proc = storescu(scp.port, SIIM_MONO1, calling_ae="MODALITY", extra=("-xy",))  # propose JPEG baseline
+    assert proc.returncode == 0, proc.stderr
+
+    with db.session() as s:
+        rows = s.scalars(select(Instance)).all()
+        assert len(rows) == 2
+        for row in rows:
+            stored = dcmread(row.path)
+            assert stored.SOPInstanceUID == row.sop_instance_uid
+            assert row.state == "stored"
+        jpeg = next(r for r in rows if r.sop_instance_uid == dcmread(SIIM_MONO1).SOPInstanceUID)
+        assert jpeg.transfer_syntax_uid == "1.2.840.10008.1.2.4.50"
+        # Stored exactly as sent: the JPEG bytes are not transcoded.
+        assert dcmread(jpeg.path).PixelData == dcmread(SIIM_MONO1).PixelData
+        studies = s.scalars(select(Study)).all()
+        assert {st.calling_ae for st in studies} == {"MODALITY"}
+        assert all(st.state == "received" for st in studies)
+
+
+def test_same_study_from_two_callers_stays_two_studies(scp, db, tmp_path):
+    ds = make_dx()
+    path = write(ds, tmp_path / "dx.dcm")
+    assert storescu(scp.port, path, calling_ae="ROUTE_A").returncode == 0
+    assert storescu(scp.port, path, calling_ae="ROUTE_B").returncode == 0
+    with db.session() as s:
+        studies = s.scalars(select(Study).where(Study.study_uid == ds.StudyInstanceUID)).all()
+        assert sorted(st.calling_ae for st in studies) == ["ROUTE_A", "ROUTE_B"]
+
+
+def _ct_dataset() -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "CT-1", "CT"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = b"\0" * 32
+    return ds
+
+
+def test_other_storage_class_is_stored_and_marked_ignored(scp, db, tmp_path):
+    path = write(_ct_dataset(), tmp_path / "ct.dcm")
+    proc = storescu(scp.port, path)
+    assert proc.returncode == 0, proc.stderr
+    with db.session() as s:
+        row = s.scalars(select(Instance)).one()
+        assert row.state == "ignored" and row.reason == NOT_CHEST
+        assert Path(row.path).exists()
+
+
+def test_disk_floor_answers_out_of_resources(tmp_path, db):
+    server = start_scp(tmp_path, db, min_free_mb=10**12)  # a floor no disk can meet
+    try:
+        path = write(make_dx(), tmp_path / "dx.dcm")
+        proc = storescu(server.port, path)
+        assert store_responses(proc) == ["Refused: OutOfResources"]  # 0xA7xx
+        with db.session() as s:
+            assert s.scalars(select(Instance)).all() == []
+    finally:
+        server.stop()
+
+
+def test_database_failure_is_never_acknowledged(tmp_path, db):
+    def broken_recorder(_instance):
+        raise RuntimeError("database is down")
+
+    server = start_scp(tmp_path, db, record=broken_recorder)
+    try:
+        path = write(make_dx(), tmp_path / "dx.dcm")
+        proc = storescu(server.port, path)
+        # A C-STORE whose DB row failed must not succeed.
+        assert store_responses(proc) == ["Refused: OutOfResources"]
+        # And the SCP is still alive for the next association.
+        assert subprocess.run([require_tool("echoscu"), "-aec", "CARINA", "127.0.0.1", str(server.port)], timeout=30).returncode == 0
+    finally:
+        server.stop()
+
+
+def test_unsafe_uids_never_escape_the_storage_root(tmp_path):
+    root = tmp_path / "instances"
+    path = instance_path(root, "../../etc", "1.2/../../x", "..")
+    assert root in path.parents
+    assert safe_path_component("1.2.840.1") == "1.2.840.1"
+
+
+def test_tcp_nodelay_is_set_on_association_sockets():
+    class _Socket:
+        def __init__(self, s):
+            self.socket = s
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    client = socket.create_connection(server.getsockname())
+    try:
+        event = type("E", (), {})()
+        event.assoc = type("A", (), {})()
+        event.assoc.dul = type("D", (), {"socket": _Socket(client)})()
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        _set_nodelay(event)
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        client.close()
+        server.close()
+
+
+def test_offers_every_decodable_syntax_for_chest_classes():
+    names = set(decodable_transfer_syntaxes())
+    for uid in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+                "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"):
+        assert uid in names
