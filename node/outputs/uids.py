@@ -2,18 +2,20 @@
 
 Processing the same input with the same model must yield the same UIDs, so a
 re-run after a crash updates the PACS copy instead of adding a second one.
-UIDs use the 2.25 (UUID-derived) root: no registered org root is needed and
-collisions are as unlikely as SHA-512 collisions.
+UIDs use the 2.25 root with a name-based (v5) UUID, as PS3.5 B.2 / ISO 9834-8
+allow: no registered org root is needed. (pydicom's generate_uid ignores
+entropy_srcs when prefix is None and returns a random UID, so it is not used.)
 """
 from __future__ import annotations
 
-from pydicom.uid import generate_uid
+import uuid
 
-_NAMESPACE = "carina-output-uid-v1"
+_NAMESPACE = uuid.UUID("6f0c6f2e-5a47-4c8e-9a51-0c4a7a1e2f10")  # Carina output UIDs, v1
 
 
 def derived_uid(*parts: str) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[_NAMESPACE, *parts])
+    # The unit separator keeps ("ab", "c") and ("a", "bc") apart.
+    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def sc_instance_uid(source_sop_uid: str, model_version: str, kind: str) -> str:

@@ -1,0 +1,271 @@
+"""Versioned storage of the FHIR resources Carina serves.
+
+Every version of every resource is a row of `FhirResource`; exactly one row per
+(type, id) is current. Search columns are copied out of the JSON at write time,
+so reads are plain indexed SQLAlchemy on SQLite and PostgreSQL alike.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from sqlalchemy import ColumnElement, and_, false, func, or_, select
+from sqlalchemy.orm import Session
+
+from node.db import FhirResource, now
+
+# Search prefixes FHIR defines for dates, as used by `date_clause`.
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+
+
+def save_resources(session: Session, resources: list[dict], study_id: int | None) -> None:
+    """Write a new version of each resource whose content changed.
+
+    Content means everything except meta.versionId/meta.lastUpdated, so a
+    re-run that produces identical JSON leaves the version alone. The previous
+    version stays readable (vread) but stops being current.
+    """
+    for resource in resources:
+        rtype, rid = resource["resourceType"], resource["id"]
+        previous = session.scalars(
+            select(FhirResource)
+            .where(FhirResource.resource_type == rtype, FhirResource.resource_id == rid, FhirResource.is_current)
+            .with_for_update()  # PostgreSQL: serialise two writers of one resource; SQLite locks anyway
+        ).first()
+        if previous is not None and _content(json.loads(previous.body)) == _content(resource):
+            continue
+        version_id = previous.version_id + 1 if previous is not None else 1
+        if previous is not None:
+            previous.is_current = False
+            session.flush()  # one current row at any time, even mid-transaction
+        stamp = now()
+        body = with_meta(resource, version_id, stamp)
+        session.add(FhirResource(
+            resource_type=rtype,
+            resource_id=rid,
+            version_id=version_id,
+            is_current=True,
+            last_updated=stamp,
+            study_id=study_id,
+            body=json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+            **search_columns(body),
+        ))
+    session.flush()
+
+
+def with_meta(resource: dict, version_id: int, last_updated: float) -> dict:
+    body = copy.deepcopy(resource)
+    meta = {"versionId": str(version_id), "lastUpdated": instant(last_updated)}
+    meta.update({k: v for k, v in body.get("meta", {}).items() if k not in meta})
+    body["meta"] = meta
+    # resourceType and id first: people read these files.
+    return {"resourceType": body.pop("resourceType"), "id": body.pop("id"), "meta": body.pop("meta"), **body}
+
+
+def _content(resource: dict) -> dict:
+    body = copy.deepcopy(resource)
+    meta = body.get("meta", {})
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    if not meta:
+        body.pop("meta", None)
+    return body
+
+
+def search_columns(resource: dict) -> dict:
+    """The denormalised search columns of one resource."""
+    subject = (resource.get("subject") or {}).get("identifier") or {}
+    identifiers = resource.get("identifier") or []
+    first_id = identifiers[0] if identifiers else {}
+    when = resource.get("effectiveDateTime") or resource.get("started") or (resource.get("effectivePeriod") or {}).get("start")
+    start, end = time_range(when) if when else (None, None)
+    return {
+        "patient_system": subject.get("system", ""),
+        "patient_value": subject.get("value", ""),
+        "identifier_system": first_id.get("system", ""),
+        "identifier_value": first_id.get("value", ""),
+        "status": resource.get("status", ""),
+        "effective_at": start,
+        "effective_end": end,
+    }
+
+
+# --- reading -----------------------------------------------------------------
+
+def read_current(session: Session, resource_type: str, resource_id: str) -> FhirResource | None:
+    return session.scalars(
+        select(FhirResource).where(
+            FhirResource.resource_type == resource_type,
+            FhirResource.resource_id == resource_id,
+            FhirResource.is_current,
+        )
+    ).first()
+
+
+def read_version(session: Session, resource_type: str, resource_id: str, version_id: int) -> FhirResource | None:
+    return session.scalars(
+        select(FhirResource).where(
+            FhirResource.resource_type == resource_type,
+            FhirResource.resource_id == resource_id,
+            FhirResource.version_id == version_id,
+        )
+    ).first()
+
+
+def read_current_many(session: Session, resource_type: str, resource_ids: Iterable[str]) -> list[FhirResource]:
+    ids = list(dict.fromkeys(resource_ids))
+    if not ids:
+        return []
+    rows = session.scalars(
+        select(FhirResource).where(
+            FhirResource.resource_type == resource_type,
+            FhirResource.resource_id.in_(ids),
+            FhirResource.is_current,
+        )
+    ).all()
+    order = {rid: i for i, rid in enumerate(ids)}
+    return sorted(rows, key=lambda row: order[row.resource_id])
+
+
+# --- searching ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Token:
+    """A token search value: `system|value`, `value` (any system) or `|value` (no system)."""
+
+    system: str | None
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Token":
+        if "|" not in text:
+            return cls(None, text)
+        system, _, value = text.partition("|")
+        return cls(system, value)
+
+
+def token_clause(system_col, value_col, tokens: list[Token]) -> ColumnElement[bool]:
+    """OR over `tokens` (FHIR: comma-separated values of one parameter)."""
+    options = []
+    for token in tokens:
+        clause = value_col == token.value
+        if token.system is not None:
+            clause = and_(clause, system_col == token.system)
+        options.append(clause)
+    return or_(*options) if options else false()
+
+
+def patient_clause(tokens: list[Token]) -> ColumnElement[bool]:
+    return token_clause(FhirResource.patient_system, FhirResource.patient_value, tokens)
+
+
+def identifier_clause(tokens: list[Token]) -> ColumnElement[bool]:
+    return token_clause(FhirResource.identifier_system, FhirResource.identifier_value, tokens)
+
+
+def status_clause(statuses: list[str]) -> ColumnElement[bool]:
+    return FhirResource.status.in_(statuses)
+
+
+def date_clause(prefix: str, start: float, end: float) -> ColumnElement[bool]:
+    """FHIR date comparison of the stored range [effective_at, effective_end)
+    against the parameter's range [start, end), both at their own precision."""
+    lo, hi = FhirResource.effective_at, FhirResource.effective_end
+    clause = {
+        "eq": and_(lo >= start, hi <= end),
+        "ne": or_(lo < start, hi > end),
+        "gt": hi > end,
+        "lt": lo < start,
+        "ge": hi > start,
+        "le": lo < end,
+        "sa": lo >= end,
+        "eb": hi <= start,
+    }[prefix]
+    return and_(lo.is_not(None), clause)
+
+
+def search(
+    session: Session, resource_type: str, clauses: list[ColumnElement[bool]], *, offset: int, count: int
+) -> tuple[int, list[FhirResource]]:
+    """(total matches, one page of current rows), newest clinical date first."""
+    where = and_(FhirResource.resource_type == resource_type, FhirResource.is_current, *clauses)
+    total = session.scalar(select(func.count()).select_from(FhirResource).where(where)) or 0
+    if count == 0:
+        return total, []
+    rows = session.scalars(
+        select(FhirResource)
+        .where(where)
+        # NULL dates last on both SQLite and PostgreSQL; id makes pages stable.
+        .order_by(FhirResource.effective_at.is_(None), FhirResource.effective_at.desc(), FhirResource.resource_id)
+        .offset(offset)
+        .limit(count)
+    ).all()
+    return total, list(rows)
+
+
+# --- time --------------------------------------------------------------------
+
+_FHIR_TIME = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def time_range(text: str) -> tuple[float, float]:
+    """[start, end) in epoch seconds of a FHIR date/dateTime/instant at its precision.
+
+    Values without an offset are taken in the node's local time zone, the same
+    zone the builders use for DICOM's offset-less times.
+    """
+    match = _FHIR_TIME.match(text.strip())
+    if not match:
+        raise ValueError(f"not a FHIR date/dateTime: {text!r}")
+    g = match.groupdict()
+    tz = _zone(g["tz"])
+    year = int(g["y"])
+    if g["m"] is None:
+        start = dt.datetime(year, 1, 1, tzinfo=tz)
+        end = dt.datetime(year + 1, 1, 1, tzinfo=tz)
+    elif g["d"] is None:
+        month = int(g["m"])
+        start = dt.datetime(year, month, 1, tzinfo=tz)
+        end = dt.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=tz)
+    elif g["H"] is None:
+        start = dt.datetime(year, int(g["m"]), int(g["d"]), tzinfo=tz)
+        end = start + dt.timedelta(days=1)
+    else:
+        fraction = g["f"] or ""
+        micro = int((fraction + "000000")[:6]) if fraction else 0
+        start = dt.datetime(year, int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"] or 0), micro, tzinfo=tz)
+        if fraction:
+            step = dt.timedelta(microseconds=max(1, 10 ** (6 - min(len(fraction), 6))))
+        elif g["S"] is not None:
+            step = dt.timedelta(seconds=1)
+        else:
+            step = dt.timedelta(minutes=1)
+        end = start + step
+    return _epoch(start), _epoch(end)
+
+
+def _zone(text: str | None) -> dt.tzinfo | None:
+    if text is None:
+        return None  # naive: local time, resolved by _epoch
+    if text == "Z":
+        return dt.timezone.utc
+    sign = 1 if text[0] == "+" else -1
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+
+
+def _epoch(value: dt.datetime) -> float:
+    return value.timestamp()  # naive datetimes are interpreted as local time
+
+
+def instant(epoch: float) -> str:
+    """FHIR instant (UTC, milliseconds) for meta.lastUpdated."""
+    stamp = dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,361 @@
+"""FHIR R4 resources for one scored study: DiagnosticReport, 14 Observations,
+the model's Device and the ImagingStudy they were derived from.
+
+Output is FHIR R4 (4.0.1) JSON. fhir.resources 8.x defaults to R5, and its
+R4-compatible model package is `fhir.resources.R4B` (4.3.0): for every element
+used here R4 and R4B are identical (notably `DiagnosticReport.imagingStudy`,
+which R5 renamed to `study`), so each resource is validated with the R4B model
+and a validation error fails the build loudly instead of reaching an EHR.
+
+Ids are deterministic (UUID5), so a re-run updates the same resources; the
+version lives in meta.versionId and is assigned by node.fhir_store.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Iterable
+
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.observation import Observation
+
+from inference.types import CHESTXRAY14, DEMO_WARNING, Finding, ModelInfo
+from node.outputs import uids
+from node.outputs.study_facts import SourceImage, StudyFacts
+from node.terminology import load_terminology
+
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+UCUM = "http://unitsofmeasure.org"
+AI_ASSERTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "AIAST",
+    "display": "Artificial Intelligence asserted",
+}
+RADIOLOGY_V2 = {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
+IMAGING_CATEGORY = {
+    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+    "code": "imaging",
+    "display": "Imaging",
+}
+ACCESSION_TYPE = {
+    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN", "display": "Accession ID"}]
+}
+_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+POSITIVE = {"system": _INTERPRETATION, "code": "POS", "display": "Positive"}
+NEGATIVE = {"system": _INTERPRETATION, "code": "NEG", "display": "Negative"}
+REPORT_STATUSES = ("registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled")
+
+# Fixed namespace: changing it would re-key every resource a site has stored.
+_ID_NAMESPACE = uuid.UUID("6f1c2a1e-6b0e-5c8a-9a51-3f0b8c1d2e47")
+
+
+def resource_id(kind: str, *parts: str) -> str:
+    """A stable FHIR id (UUID5, 36 chars, within the 64-char id limit)."""
+    return str(uuid.uuid5(_ID_NAMESPACE, "|".join((kind, *parts))))
+
+
+def report_id(calling_ae: str, study_uid: str) -> str:
+    # Keyed by calling AE too: the node keeps two routes' copies of one
+    # StudyInstanceUID apart (db.Study), so their reports must not merge either.
+    return resource_id("DiagnosticReport", calling_ae, study_uid)
+
+
+def observation_id(calling_ae: str, study_uid: str, label: str) -> str:
+    return resource_id("Observation", calling_ae, study_uid, label)
+
+
+def imaging_study_id(calling_ae: str, study_uid: str) -> str:
+    return resource_id("ImagingStudy", calling_ae, study_uid)
+
+
+def device_id(model: ModelInfo) -> str:
+    # From the model's identity, the same inputs as uids.device_uid: one
+    # Device per model, and a new one whenever the model changes (IHE AIR).
+    return resource_id("Device", model.name, model.version, model.weights_sha256 or "demo")
+
+
+def device_uid(model: ModelInfo) -> str:
+    return uids.device_uid(model.name, model.version, model.weights_sha256)
+
+
+def build_report_resources(
+    facts: StudyFacts,
+    findings_by_image: dict[str, list[Finding]],
+    model: ModelInfo,
+    *,
+    study_version: int,
+    status: str = "preliminary",
+    issued: dt.datetime,
+    patient_system: str,
+    calling_ae: str,
+) -> list[dict]:
+    """[DiagnosticReport, Observation x14, Device, ImagingStudy] as R4 JSON dicts.
+
+    `findings_by_image` maps scored SOP Instance UIDs to that image's 14
+    findings; the study-level result per label is the image with the highest
+    probability (a finding seen on any view is a finding of the study).
+    """
+    if status not in REPORT_STATUSES:
+        raise ValueError(f"status {status!r} is not a DiagnosticReport status")
+    strongest = _strongest_findings(findings_by_image)
+    images = {img.sop_instance_uid: img for img in facts.images}
+    unknown = set(findings_by_image) - set(images)
+    if unknown:
+        raise ValueError(f"findings for images not in the study facts: {sorted(unknown)}")
+
+    ctx = _Context(facts, model, status, _instant(issued), patient_system, calling_ae)
+    observations = [
+        _observation(ctx, label, finding, images[sop_uid]) for label, (sop_uid, finding) in strongest.items()
+    ]
+    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in facts.images], model.version, study_version)
+    resources = [
+        _diagnostic_report(ctx, strongest, observations, sr_uid),
+        *observations,
+        _device(model),
+        _imaging_study(ctx),
+    ]
+    for resource in resources:
+        validate(resource)
+    return resources
+
+
+_MODELS = {
+    "DiagnosticReport": DiagnosticReport,
+    "Observation": Observation,
+    "Device": Device,
+    "ImagingStudy": ImagingStudy,
+}
+
+
+def validate(resource: dict) -> None:
+    """Raise pydantic.ValidationError unless `resource` is valid R4(B) JSON."""
+    _MODELS[resource["resourceType"]].model_validate(resource)
+
+
+class _Context:
+    """What every resource of one study shares."""
+
+    def __init__(self, facts, model, status, issued, patient_system, calling_ae):
+        self.facts, self.model, self.status, self.issued = facts, model, status, issued
+        self.terms = load_terminology()
+        self.effective = dicom_datetime(facts.study_date, facts.study_time)
+        self.subject = patient_reference(patient_system, facts.patient_id)
+        self.study_ref = {"reference": f"ImagingStudy/{imaging_study_id(calling_ae, facts.study_uid)}"}
+        self.device_ref = {"reference": f"Device/{device_id(model)}"}
+        self.calling_ae = calling_ae
+
+
+def _strongest_findings(findings_by_image: dict[str, list[Finding]]) -> dict[str, tuple[str, Finding]]:
+    if not findings_by_image:
+        raise ValueError("no scored images: a report needs at least one")
+    best: dict[str, tuple[str, Finding]] = {}
+    for sop_uid in sorted(findings_by_image):  # sorted: ties resolve the same way every run
+        for finding in findings_by_image[sop_uid]:
+            if finding.label not in CHESTXRAY14:
+                raise ValueError(f"unknown finding label {finding.label!r}")
+            if finding.label not in best or finding.probability > best[finding.label][1].probability:
+                best[finding.label] = (sop_uid, finding)
+    missing = [label for label in CHESTXRAY14 if label not in best]
+    if missing:
+        raise ValueError(f"findings missing for {missing}")
+    return {label: best[label] for label in CHESTXRAY14}
+
+
+def _diagnostic_report(ctx: _Context, strongest, observations: list[dict], sr_uid: str) -> dict:
+    positives = [finding for _, finding in strongest.values() if finding.positive]
+    based_on = [{"type": "ServiceRequest", "identifier": _accession(ctx)}] if ctx.facts.accession_number else None
+    codes = [
+        {"coding": [ctx.terms.finding(f.label).snomed.fhir()], "text": ctx.terms.finding(f.label).display}
+        for f in positives
+    ]
+    return _present({
+        "resourceType": "DiagnosticReport",
+        "id": report_id(ctx.calling_ae, ctx.facts.study_uid),
+        "meta": {"security": [AI_ASSERTED]},
+        # The report is the FHIR face of the TID 1500 SR Carina sends to PACS
+        # (IHE AIR), so its business identifier is that SR's SOP Instance UID:
+        # an EHR can fetch the matching DICOM object. The study UID would
+        # collide with the radiologist's own report of the same study.
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sr_uid}"}],
+        "basedOn": based_on,
+        "status": ctx.status,
+        "category": [{"coding": [ctx.terms.report["category"].fhir(), RADIOLOGY_V2]}],
+        "code": {"coding": [_procedure_code(ctx).fhir()]},
+        "subject": ctx.subject,
+        "effectiveDateTime": ctx.effective,
+        "issued": ctx.issued,
+        "result": [{"reference": f"Observation/{o['id']}"} for o in observations],
+        "imagingStudy": [ctx.study_ref],
+        "conclusion": conclusion(ctx.model, positives),
+        "conclusionCode": codes or None,
+    })
+
+
+def _present(resource: dict) -> dict:
+    """Drop absent elements (FHIR forbids nulls) and keep the rest in R4 order."""
+    return {key: value for key, value in resource.items() if value is not None}
+
+
+def _procedure_code(ctx: _Context):
+    # One frontal image is "single view"; two different projections (e.g. PA
+    # and lateral) are "2 views". Images without ViewPosition count apart.
+    views = {img.view_position or img.sop_instance_uid for img in ctx.facts.images}
+    return ctx.terms.report["two_views" if len(views) >= 2 else "single_view"]
+
+
+def conclusion(model: ModelInfo, positives: Iterable[Finding]) -> str:
+    """The human sentence: positive findings with probabilities, demo caveat first."""
+    terms = load_terminology()
+    positives = sorted(positives, key=lambda f: -f.probability)
+    if positives:
+        listed = ", ".join(f"{terms.finding(f.label).display} ({f.probability:.0%})" for f in positives)
+        text = f"AI findings above the operating threshold: {listed}."
+    else:
+        text = "No AI finding above the operating threshold."
+    text += f" Model {model.name} {model.version}; not reviewed by a radiologist."
+    return f"{DEMO_WARNING}. {text}" if model.demo else text
+
+
+def _observation(ctx: _Context, label: str, finding: Finding, image: SourceImage) -> dict:
+    codes = ctx.terms.finding(label)
+    coding = [codes.snomed.fhir()] + ([codes.radlex.fhir()] if codes.radlex else [])
+    view = f", {image.view_position}" if image.view_position else ""
+    notes = [f"Study-level result: highest probability of the scored images, on SOP Instance {image.sop_instance_uid}{view}."]
+    if ctx.model.demo:
+        notes.insert(0, f"{DEMO_WARNING}.")
+    return _present({
+        "resourceType": "Observation",
+        "id": observation_id(ctx.calling_ae, ctx.facts.study_uid, label),
+        "meta": {"security": [AI_ASSERTED]},
+        "status": ctx.status,
+        "category": [{"coding": [IMAGING_CATEGORY]}],
+        "code": {"coding": coding, "text": label},
+        "subject": ctx.subject,
+        "effectiveDateTime": ctx.effective,
+        "issued": ctx.issued,
+        # UCUM "1" (dimensionless): the value is the model's sigmoid output as
+        # is, 0..1, the same number the SR carries - no rescaling to percent.
+        "valueQuantity": _probability(finding.probability),
+        "interpretation": [{"coding": [POSITIVE if finding.positive else NEGATIVE]}],
+        "note": [{"text": text} for text in notes],
+        "bodySite": {"coding": [ctx.terms.sr["body_site"].fhir()]},
+        "device": ctx.device_ref,
+        "derivedFrom": [ctx.study_ref],
+        # The threshold is the model's operating point (DICOM CAD Operating
+        # Point), not a normal range, so it goes in a component.
+        "component": [
+            {
+                "code": {"coding": [ctx.terms.fhir["operating_point"].fhir()]},
+                "valueQuantity": _probability(finding.threshold),
+            }
+        ],
+    })
+
+
+def _probability(value: float) -> dict:
+    return {"value": round(float(value), 4), "unit": "probability", "system": UCUM, "code": "1"}
+
+
+def _device(model: ModelInfo) -> dict:
+    versions = [{"type": {"text": "model version"}, "value": model.version}]
+    if model.weights_sha256:
+        versions.append({"type": {"text": "weights SHA-256"}, "value": model.weights_sha256})
+    device = {
+        "resourceType": "Device",
+        "id": device_id(model),
+        # IHE AIR: one Device UID per model (changes whenever the model does),
+        # the same UID the SR's Contributing Equipment Sequence carries.
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{device_uid(model)}"}],
+        "status": "active",
+        "deviceName": [{"name": model.name, "type": "model-name"}],
+        "type": {
+            "coding": [load_terminology().fhir["device_type"].fhir()],
+            "text": "AI software: chest X-ray finding classifier",
+        },
+        "version": versions,
+    }
+    if model.demo:
+        device["note"] = [{"text": f"{DEMO_WARNING}: demonstration weights, not a validated model."}]
+    return device
+
+
+def _imaging_study(ctx: _Context) -> dict:
+    facts = ctx.facts
+    series: dict[str, list[SourceImage]] = {}
+    for img in facts.images:
+        series.setdefault(img.series_uid, []).append(img)
+    modalities = sorted({img.modality for img in facts.images if img.modality})
+    identifiers = [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{facts.study_uid}"}]
+    if facts.accession_number:
+        identifiers.append(_accession(ctx))
+    return _present({
+        "resourceType": "ImagingStudy",
+        "id": imaging_study_id(ctx.calling_ae, facts.study_uid),
+        "identifier": identifiers,
+        "status": "available",
+        "modality": [{"system": DCM_SYSTEM, "code": m} for m in modalities] or None,
+        # R4 makes subject mandatory; without a PatientID only a display is honest.
+        "subject": ctx.subject or {"display": "unknown patient (no DICOM PatientID)"},
+        "started": ctx.effective,
+        "numberOfSeries": len(series),
+        "numberOfInstances": len(facts.images),
+        "description": facts.study_description or None,
+        "series": [_series(uid, imgs) for uid, imgs in series.items()],
+    })
+
+
+def _series(series_uid: str, images: list[SourceImage]) -> dict:
+    first = images[0]
+    return _present({
+        "uid": series_uid,
+        "number": first.series_number,
+        "modality": {"system": DCM_SYSTEM, "code": first.modality or "OT"},
+        "description": first.series_description or None,
+        "numberOfInstances": len(images),
+        "instance": [
+            _present({
+                "uid": img.sop_instance_uid,
+                "sopClass": {"system": "urn:ietf:rfc:3986", "code": f"urn:oid:{img.sop_class_uid}"},
+                "number": img.instance_number,
+            })
+            for img in images
+        ],
+    })
+
+
+def _accession(ctx: _Context) -> dict:
+    # No issuer of the accession number is known to the node, so no system.
+    return {"type": ACCESSION_TYPE, "value": ctx.facts.accession_number}
+
+
+def patient_reference(patient_system: str, patient_id: str) -> dict | None:
+    """Logical reference: Carina does not own Patient resources, the EHR does."""
+    if not patient_id:
+        return None
+    return {"identifier": {"system": patient_system, "value": patient_id}}
+
+
+def dicom_datetime(date: str, time: str) -> str | None:
+    """DICOM DA/TM -> FHIR dateTime. DICOM times are site-local and carry no
+    offset; FHIR requires one with a time, so the node's local offset is used."""
+    date = (date or "").strip()
+    if len(date) != 8 or not date.isdigit():
+        return None
+    day = dt.date(int(date[:4]), int(date[4:6]), int(date[6:]))
+    clock = (time or "").replace(":", "").strip()
+    whole, _, fraction = clock.partition(".")
+    if not whole.isdigit() or len(whole) not in (2, 4, 6):
+        return day.isoformat()
+    hh, mm, ss = int(whole[0:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
+    micro = int((fraction + "000000")[:6]) if fraction.isdigit() else 0
+    local = dt.datetime(day.year, day.month, day.day, hh, mm, min(ss, 59), micro).astimezone()
+    return local.isoformat(timespec="milliseconds" if micro else "seconds")
+
+
+def _instant(value: dt.datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)  # naive instants are taken as UTC
+    return value.isoformat(timespec="milliseconds")

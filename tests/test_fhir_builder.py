@@ -1,0 +1,197 @@
+"""node.outputs.fhir_report: R4 resources for one scored study."""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+
+import numpy as np
+import pydantic
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.observation import Observation
+
+from dicom_factory import make_dx
+from inference.types import CHESTXRAY14, DEMO_WARNING, Finding, ModelInfo
+from node.outputs import uids
+from node.outputs.fhir_report import build_report_resources, dicom_datetime, validate
+from node.outputs.study_facts import StudyFacts
+from node.terminology import load_terminology
+
+PIXELS = np.full((32, 32), 128, dtype=np.uint8)  # the builder never looks at pixels
+ISSUED = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
+PATIENT_SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1249.1"
+DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
+REAL = ModelInfo("densenet121-res224-all", "2.0.0", demo=False, weights_sha256="ab" * 32)
+R4B = {"DiagnosticReport": DiagnosticReport, "Observation": Observation, "Device": Device, "ImagingStudy": ImagingStudy}
+
+
+def findings(probabilities: dict[str, float], threshold: float = 0.5) -> list[Finding]:
+    out = []
+    for label in CHESTXRAY14:
+        p = probabilities.get(label, 0.05)
+        out.append(Finding(label=label, probability=p, threshold=threshold, positive=p >= threshold))
+    return out
+
+
+def build(datasets, per_image, model=DEMO, **kw):
+    facts = StudyFacts.from_datasets(datasets)
+    args = dict(study_version=1, status="preliminary", issued=ISSUED, patient_system=PATIENT_SYSTEM, calling_ae="MODALITY")
+    args.update(kw)
+    resources = build_report_resources(facts, per_image, model, **args)
+    return facts, resources
+
+
+def by_type(resources, rtype):
+    return [r for r in resources if r["resourceType"] == rtype]
+
+
+@pytest.fixture
+def pa_study():
+    ds = make_dx(PIXELS, view_position="PA")
+    return [ds], {ds.SOPInstanceUID: findings({"Effusion": 0.87, "Cardiomegaly": 0.62})}
+
+
+def test_resources_are_valid_r4_with_fourteen_observations(pa_study):
+    datasets, per_image = pa_study
+    _, resources = build(datasets, per_image)
+    counts = {t: len(by_type(resources, t)) for t in R4B}
+    assert counts == {"DiagnosticReport": 1, "Observation": 14, "Device": 1, "ImagingStudy": 1}
+    for resource in resources:
+        model = R4B[resource["resourceType"]].model_validate(resource)
+        # Round-trips without losing data: what we send is what the model understood.
+        assert json.loads(model.model_dump_json(exclude_none=True))["id"] == resource["id"]
+    observations = by_type(resources, "Observation")
+    terms = load_terminology()
+    assert [o["code"]["text"] for o in observations] == list(CHESTXRAY14)
+    for obs in observations:
+        assert obs["code"]["coding"][0] == terms.finding(obs["code"]["text"]).snomed.fhir()
+        assert obs["valueQuantity"]["system"] == "http://unitsofmeasure.org" and obs["valueQuantity"]["code"] == "1"
+        assert obs["component"][0]["valueQuantity"]["value"] == 0.5
+        assert obs["device"]["reference"] == f"Device/{by_type(resources, 'Device')[0]['id']}"
+    # The resources also travel together as a valid Bundle.
+    Bundle.model_validate({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]})
+
+
+def test_report_content(pa_study):
+    datasets, per_image = pa_study
+    facts, resources = build(datasets, per_image)
+    report = by_type(resources, "DiagnosticReport")[0]
+    study = by_type(resources, "ImagingStudy")[0]
+    observations = by_type(resources, "Observation")
+    assert report["code"]["coding"][0]["code"] == "36554-4"
+    assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study['id']}"}]
+    assert "study" not in report  # the R5 name
+    assert [r["reference"] for r in report["result"]] == [f"Observation/{o['id']}" for o in observations]
+    assert report["subject"] == {"identifier": {"system": PATIENT_SYSTEM, "value": "CARINA-TEST-001"}}
+    assert report["effectiveDateTime"].startswith("2026-11-21T09:30:00")
+    assert report["issued"].startswith("2026-11-21T10:00:00")
+    assert report["status"] == "preliminary"
+    categories = {(c["system"], c["code"]) for c in report["category"][0]["coding"]}
+    assert categories == {("http://loinc.org", "LP29684-5"), ("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD")}
+    assert report["basedOn"][0]["identifier"]["value"] == "ACC0001"
+    assert report["basedOn"][0]["type"] == "ServiceRequest"
+    sr_uid = uids.sr_instance_uid([facts.images[0].sop_instance_uid], DEMO.version, 1)
+    assert report["identifier"] == [{"system": "urn:dicom:uid", "value": f"urn:oid:{sr_uid}"}]
+    assert [c["coding"][0]["code"] for c in report["conclusionCode"]] == ["60046008", "8186001"]
+    assert "Pleural effusion (87%)" in report["conclusion"] and "Cardiomegaly (62%)" in report["conclusion"]
+    positives = {o["code"]["text"] for o in observations if o["interpretation"][0]["coding"][0]["code"] == "POS"}
+    assert positives == {"Effusion", "Cardiomegaly"}
+    assert study["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{facts.study_uid}"}
+    instance = study["series"][0]["instance"][0]
+    assert instance["sopClass"] == {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.840.10008.5.1.4.1.1.1.1"}
+    assert study["series"][0]["modality"]["code"] == "DX"
+
+
+def test_ai_asserted_and_demo_caveat_everywhere(pa_study):
+    datasets, per_image = pa_study
+    _, resources = build(datasets, per_image)
+    aiast = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "AIAST"}
+    for resource in by_type(resources, "DiagnosticReport") + by_type(resources, "Observation"):
+        labels = [{k: s[k] for k in ("system", "code")} for s in resource["meta"]["security"]]
+        assert aiast in labels, resource["id"]
+    report = by_type(resources, "DiagnosticReport")[0]
+    assert report["conclusion"].startswith("DEMO WEIGHTS — NOT FOR CLINICAL USE.")
+    for obs in by_type(resources, "Observation"):
+        assert any(DEMO_WARNING in n["text"] for n in obs["note"])
+    device = by_type(resources, "Device")[0]
+    assert any(DEMO_WARNING in n["text"] for n in device["note"])
+
+
+def test_real_weights_carry_no_demo_caveat(pa_study):
+    datasets, per_image = pa_study
+    _, resources = build(datasets, per_image, model=REAL)
+    assert DEMO_WARNING not in json.dumps(resources, ensure_ascii=False)
+    device = by_type(resources, "Device")[0]
+    assert device["identifier"][0]["value"] == f"urn:oid:{uids.device_uid(REAL.name, REAL.version, REAL.weights_sha256)}"
+    assert {v["value"] for v in device["version"]} == {"2.0.0", "ab" * 32}
+    assert device["type"]["coding"][0]["code"] == "123110"
+
+
+def test_ids_are_deterministic_and_keyed_by_route(pa_study):
+    datasets, per_image = pa_study
+    _, first = build(datasets, per_image)
+    _, again = build(datasets, per_image)
+    assert first == again
+    _, amended = build(datasets, per_image, study_version=2, status="amended")
+    assert [r["id"] for r in amended] == [r["id"] for r in first]  # same resources, new versions later
+    assert all(r.get("status") in ("amended", "active", "available") for r in amended)
+    _, other_route = build(datasets, per_image, calling_ae="OTHER_AE")
+    same_route_ids = {r["id"] for r in first if r["resourceType"] != "Device"}
+    assert same_route_ids.isdisjoint(r["id"] for r in other_route if r["resourceType"] != "Device")
+    _, new_model = build(datasets, per_image, model=REAL)
+    assert by_type(new_model, "Device")[0]["id"] != by_type(first, "Device")[0]["id"]
+
+
+def test_two_views_take_the_maximum_per_finding():
+    study_uid = "1.2.826.0.1.3680043.10.1249.99.1"
+    pa = make_dx(PIXELS, view_position="PA", study_uid=study_uid)
+    lateral = make_dx(PIXELS, view_position="LL", study_uid=study_uid)
+    per_image = {
+        pa.SOPInstanceUID: findings({"Effusion": 0.3, "Nodule": 0.7}),
+        lateral.SOPInstanceUID: findings({"Effusion": 0.8, "Nodule": 0.2}),
+    }
+    _, resources = build([pa, lateral], per_image)
+    report = by_type(resources, "DiagnosticReport")[0]
+    assert report["code"]["coding"][0] == {"system": "http://loinc.org", "code": "36643-5", "display": "XR Chest 2 Views"}
+    obs = {o["code"]["text"]: o for o in by_type(resources, "Observation")}
+    assert obs["Effusion"]["valueQuantity"]["value"] == 0.8
+    assert lateral.SOPInstanceUID in obs["Effusion"]["note"][-1]["text"]
+    assert obs["Nodule"]["valueQuantity"]["value"] == 0.7
+    assert pa.SOPInstanceUID in obs["Nodule"]["note"][-1]["text"]
+    study = by_type(resources, "ImagingStudy")[0]
+    assert study["numberOfInstances"] == 2 and study["numberOfSeries"] == 2
+
+
+def test_no_positive_findings_and_no_accession():
+    ds = make_dx(PIXELS, accession="")
+    _, resources = build([ds], {ds.SOPInstanceUID: findings({})}, model=REAL)
+    report = by_type(resources, "DiagnosticReport")[0]
+    assert "conclusionCode" not in report and "basedOn" not in report
+    assert report["conclusion"].startswith("No AI finding above the operating threshold")
+
+
+def test_invalid_input_fails_loudly(pa_study):
+    datasets, per_image = pa_study
+    with pytest.raises(ValueError):
+        build(datasets, {k: v[:13] for k, v in per_image.items()})  # a label missing
+    with pytest.raises(ValueError):
+        build(datasets, {"1.2.3.4": next(iter(per_image.values()))})  # image not in the study
+    with pytest.raises(ValueError):
+        build(datasets, per_image, status="done")
+    _, resources = build(datasets, per_image)
+    broken = copy.deepcopy(by_type(resources, "DiagnosticReport")[0])
+    broken["study"] = broken.pop("imagingStudy")  # R5 spelling is not R4
+    with pytest.raises(pydantic.ValidationError):
+        validate(broken)
+
+
+def test_dicom_datetime_conversion():
+    assert dicom_datetime("20261121", "") == "2026-11-21"
+    assert dicom_datetime("", "093000") is None
+    with_time = dicom_datetime("20261121", "0930")
+    assert with_time.startswith("2026-11-21T09:30:00") and with_time[-6] in "+-"
+    assert dicom_datetime("20261121", "093000.25").startswith("2026-11-21T09:30:00.250")
