@@ -147,6 +147,7 @@ class FhirResource(Base):
     __table_args__ = (
         UniqueConstraint("resource_type", "resource_id", "version_id"),
         Index("ix_fhir_current", "resource_type", "is_current"),
+        Index("ix_fhir_current_effective", "resource_type", "is_current", "effective_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -162,6 +163,9 @@ class FhirResource(Base):
     identifier_value: Mapped[str] = mapped_column(String(128), default="", index=True)
     status: Mapped[str] = mapped_column(String(32), default="")
     effective_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # clinical date
+    # End (exclusive) of the effective instant at its stated precision: a
+    # date-only value covers the whole day, which FHIR date search needs.
+    effective_end: Mapped[float | None] = mapped_column(Float, nullable=True)
     body: Mapped[str] = mapped_column(Text)
 
 

@@ -94,3 +94,12 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
         sr={k: coding(v) for k, v in raw["sr"].items()},
         fhir={k: coding(v) for k, v in raw.get("fhir", {}).items()},
     )
+
+
+def procedure_coding(terms: Terminology, view_positions: list[str]) -> Coding:
+    """LOINC procedure for the scored images, shared by the SR and FHIR.
+
+    One frontal image is "single view"; two different projections (e.g. PA
+    and lateral) are "2 views". Images without ViewPosition count apart
+    (callers pass a unique placeholder such as the SOP Instance UID)."""
+    return terms.report["two_views" if len(set(view_positions)) >= 2 else "single_view"]

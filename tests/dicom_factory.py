@@ -127,3 +127,77 @@ def make_dx(
 def write(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# --- transfer-syntax variants (used by tests/test_inference_decode.py) ---------------------
+
+
+def encoded(ds: Dataset, syntax: str, **encoding_kwargs) -> Dataset:
+    """A copy of `ds` compressed by pydicom's own encoders.
+
+    With the installed plugins pydicom 3 can *encode* RLE Lossless, JPEG-LS
+    lossless/near-lossless (pyjpegls) and JPEG 2000 lossless/lossy
+    (pylibjpeg-openjpeg); the JPEG 10918 family needs dcmtk (`transcoded`).
+    """
+    import copy
+
+    out = copy.deepcopy(ds)
+    out.compress(syntax, **encoding_kwargs)
+    return reread(out)
+
+
+def deflated(ds: Dataset) -> Dataset:
+    """`ds` written as Deflated Explicit VR Little Endian and read back."""
+    import copy
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    out = copy.deepcopy(ds)
+    out.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return reread(out)
+
+
+def transcoded(ds: Dataset, tool: str, *args: str) -> Dataset:
+    """`ds` run through a dcmtk converter, e.g. ("/usr/bin/dcmcjpeg", "+e1") for JPEG Lossless SV1."""
+    import subprocess
+    import tempfile
+
+    import pydicom
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        write(ds, src)
+        proc = subprocess.run([tool, *args, str(src), str(dst)], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(tool).name} {' '.join(args)} failed: {proc.stderr or proc.stdout}")
+        return pydicom.dcmread(dst)  # reads everything into memory before the directory goes
+
+
+def reread(ds: Dataset) -> Dataset:
+    """Round-trip through bytes, so the result is exactly what a receiver would parse."""
+    import io
+
+    import pydicom
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def with_voi_lut(
+    ds: Dataset, lut: np.ndarray, *, first_mapped: int = 0, bits_per_entry: int = 16, vr: str = "OW"
+) -> Dataset:
+    """Add a VOI LUT Sequence item mapping stored values first_mapped.. through `lut`.
+
+    LUT Data may be OW (16-bit words, the usual encoding) or US.
+    """
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [len(lut) % 65536, first_mapped, bits_per_entry])
+    if vr == "OW":
+        item.add_new("LUTData", "OW", np.asarray(lut, dtype="<u2").tobytes())
+    else:
+        item.add_new("LUTData", "US", [int(v) for v in lut])
+    item.LUTExplanation = "test VOI LUT"
+    ds.VOILUTSequence = [item]
+    return ds

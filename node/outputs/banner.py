@@ -7,8 +7,9 @@ never hides anatomy.
 
 Pillow's bundled default font (Aileron) has no glyph for some punctuation we
 use, the em dash of the demo caveat in particular; such characters would print
-as a box. `drawable` swaps them for ASCII look-alikes, checked per font, so the
-warning always reads cleanly.
+as a box. The em dash is drawn by hand as a bar, so the burned-in caveat reads
+exactly "DEMO WEIGHTS — NOT FOR CLINICAL USE"; `drawable` swaps any other
+missing character for an ASCII look-alike, checked per font.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ WARNING_BACKGROUND = (170, 0, 0)
 # Printed instead of a character the font cannot draw.
 _ASCII_FALLBACKS = {"—": "-", "–": "-", "…": "...", "≥": ">=", "≤": "<=", "·": "-", "’": "'"}
 _MISSING_GLYPH_PROBE = "\uffff"  # a non-character: every font draws its "missing" box
+EM_DASH = "\u2014"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def caption_font(image_width: int) -> ImageFont.FreeTypeFont:
 
 
 @lru_cache(maxsize=512)
-def _has_glyph(font: ImageFont.FreeTypeFont, char: str) -> bool:
+def has_glyph(font: ImageFont.FreeTypeFont, char: str) -> bool:
     missing = font.getmask(_MISSING_GLYPH_PROBE)
     drawn = font.getmask(char)
     return drawn.size != missing.size or bytes(drawn) != bytes(missing)
@@ -55,7 +57,7 @@ def drawable(text: str, font: ImageFont.FreeTypeFont) -> str:
     """`text` with every character the font lacks replaced by an ASCII look-alike."""
     out = []
     for char in text:
-        if char.isascii() or _has_glyph(font, char):
+        if char.isascii() or char == EM_DASH or has_glyph(font, char):
             out.append(char)
         elif char in _ASCII_FALLBACKS:
             out.append(_ASCII_FALLBACKS[char])
@@ -65,12 +67,36 @@ def drawable(text: str, font: ImageFont.FreeTypeFont) -> str:
     return "".join(out)
 
 
+def _text_length(text: str, font: ImageFont.FreeTypeFont) -> float:
+    return sum(font.getlength(part) for part in text.split(EM_DASH)) + text.count(EM_DASH) * _dash_length(font)
+
+
+def _dash_length(font: ImageFont.FreeTypeFont) -> float:
+    return font.getlength("M")
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill) -> None:
+    """Draw text, rendering each em dash as a bar the width of "M" at x-height."""
+    x, y = xy
+    parts = text.split(EM_DASH)
+    left, top, _, bottom = font.getbbox("x")
+    bar_y = y + (top + bottom) / 2
+    thickness = max(1, round(font.size / 14))
+    for index, part in enumerate(parts):
+        draw.text((x, y), part, font=font, fill=fill)
+        x += font.getlength(part)
+        if index < len(parts) - 1:
+            pad = _dash_length(font) * 0.06
+            draw.rectangle((x + pad, bar_y - thickness / 2, x + _dash_length(font) - pad, bar_y + thickness / 2), fill=fill)
+            x += _dash_length(font)
+
+
 def _wrap(text: str, font: ImageFont.FreeTypeFont, max_width: float) -> list[str]:
     lines: list[str] = []
     current = ""
     for word in text.split(" "):
         candidate = f"{current} {word}" if current else word
-        if current and font.getlength(candidate) > max_width:
+        if current and _text_length(candidate, font) > max_width:
             lines.append(current)
             current = word
         else:
@@ -128,6 +154,6 @@ def render_banner(lines: list[BannerLine], width: int) -> np.ndarray:
     for text, warning in wrapped:
         if warning:
             draw.rectangle((0, y - 1, width - 1, y + line_height - 1), fill=WARNING_BACKGROUND)
-        draw.text((margin, y), text, font=font, fill=WARNING_TEXT if warning else TEXT)
+        _draw_text(draw, (margin, y), text, font, WARNING_TEXT if warning else TEXT)
         y += line_height
     return np.asarray(band)

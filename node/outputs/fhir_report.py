@@ -24,7 +24,7 @@ from fhir.resources.R4B.observation import Observation
 from inference.types import CHESTXRAY14, DEMO_WARNING, Finding, ModelInfo
 from node.outputs import uids
 from node.outputs.study_facts import SourceImage, StudyFacts
-from node.terminology import load_terminology
+from node.terminology import load_terminology, procedure_coding
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -200,10 +200,7 @@ def _present(resource: dict) -> dict:
 
 
 def _procedure_code(ctx: _Context):
-    # One frontal image is "single view"; two different projections (e.g. PA
-    # and lateral) are "2 views". Images without ViewPosition count apart.
-    views = {img.view_position or img.sop_instance_uid for img in ctx.facts.images}
-    return ctx.terms.report["two_views" if len(views) >= 2 else "single_view"]
+    return procedure_coding(ctx.terms, [img.view_position or img.sop_instance_uid for img in ctx.facts.images])
 
 
 def conclusion(model: ModelInfo, positives: Iterable[Finding]) -> str:

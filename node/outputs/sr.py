@@ -68,7 +68,7 @@ from node.outputs.equipment import (
     device_uid,
     series_description,
 )
-from node.terminology import Terminology, load_terminology
+from node.terminology import Terminology, load_terminology, procedure_coding
 
 SR_SERIES_NUMBER = 9901
 SR_SERIES_BASE = "Carina AI findings"
@@ -109,7 +109,7 @@ def build_sr(
             raise ValueError(f"{ds.SOPInstanceUID}: findings are not the 14 labels in CHESTXRAY14 order")
     created = created or dt.datetime.now()
     terms = load_terminology()
-    headers = [_header_copy(ds) for ds, _ in sources]
+    headers = [source_header(ds) for ds, _ in sources]
     study_uid = study_uids.pop()
     source_uids = [str(ds.SOPInstanceUID) for ds in headers]
 
@@ -121,7 +121,9 @@ def build_sr(
     ]
     report = MeasurementReport(
         observation_context=_observation_context(model, manufacturer),
-        procedure_reported=terms.sr["procedure"].dicom(),
+        procedure_reported=procedure_coding(
+            terms, [str(h.get("ViewPosition", "") or h.SOPInstanceUID) for h in headers]
+        ).dicom(),
         imaging_measurements=groups,
         title=title or IMAGING_MEASUREMENT_REPORT,
     )
@@ -186,13 +188,45 @@ def tracking_uid(source_sop_uid: str, model_version: str, label: str) -> str:
     return uids.derived_uid("sr-tracking", source_sop_uid, model_version, label)
 
 
-def _header_copy(ds: Dataset) -> Dataset:
-    """The source header without pixels, deep-copied so nothing here can touch the caller's dataset."""
+# Type 2 patient/study attributes highdicom reads from the source without a
+# default; a header lacking one (common on older CR) would crash the build.
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+_SEX_WORDS = {"MALE": "M", "FEMALE": "F", "OTHER": "O"}
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """A deep copy of the source header, without pixels, fit to build outputs from.
+
+    Nothing here can touch the caller's dataset. Type 2 patient/study values
+    that are missing or malformed become empty ("unknown"), which is valid,
+    instead of making the SR or SC unbuildable. The SC builder uses it too.
+    """
     header = Dataset()
     for element in ds:
         if element.tag not in _PIXEL_TAGS:
             header.add(copy.deepcopy(element))
+    sex = str(header.get("PatientSex") or "").strip().upper()
+    header.PatientSex = sex if sex in ("M", "F", "O") else _SEX_WORDS.get(sex, "")
+    for keyword in _TYPE2_PATIENT_STUDY:
+        value = header.get(keyword)
+        if value is None or not _valid(header[keyword].VR, value):
+            setattr(header, keyword, "")
     return header
+
+
+def _valid(vr: str, value) -> bool:
+    try:
+        validate_value(vr, value, pydicom_config.RAISE)
+        if vr == "DA" and value:
+            DA(value)  # the pattern alone accepts "00000000"
+        if vr == "TM" and value:
+            TM(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _observation_context(model: ModelInfo, manufacturer: str) -> ObservationContext:
@@ -229,8 +263,8 @@ def _finding_group(
         # it gives the NUM a ContentSequence, without which several OHIF
         # releases crash on non-geometric groups.
         measurements=[
-            Measurement(codes.DCM.Probability, float(finding.probability), UNITLESS, algorithm_id=algorithm),
-            Measurement(codes.DCM.ThresholdValue, float(finding.threshold), UNITLESS, algorithm_id=algorithm),
+            Measurement(codes.DCM.Probability, _fraction(finding.probability), UNITLESS, algorithm_id=algorithm),
+            Measurement(codes.DCM.ThresholdValue, _fraction(finding.threshold), UNITLESS, algorithm_id=algorithm),
         ],
     )
     if finding.positive and finding.regions:
@@ -253,6 +287,12 @@ def _finding_group(
     if model.caveat:
         group[0].ContentSequence.append(_comment(model.caveat))
     return group
+
+
+def _fraction(value: float) -> float:
+    """A model float32 has ~7 significant digits; six decimals keep all of
+    them and spare readers a Numeric Value like "0.12000000000000"."""
+    return round(float(value), 6)
 
 
 def _comment(text: str) -> TextContentItem:

@@ -58,8 +58,10 @@ def run(ctx: NodeContext, job: Job) -> None:
     predecessors = [dcmread(p, stop_before_pixels=True) for p in previous_sr_paths if Path(p).exists()]
 
     objects: list[tuple[str, Dataset]] = [("sr", build_sr(sources, model, version, predecessors=predecessors or None))]
-    for ds, image_result in sources:
-        objects.extend(("sc", sc) for sc in build_heatmap_captures(ds, image_result, model))
+    for index, (ds, image_result) in enumerate(sources):
+        # All SCs of a study share one series; keep their Instance Numbers apart.
+        captures = build_heatmap_captures(ds, image_result, model, first_instance_number=1 + 20 * index)
+        objects.extend(("sc", sc) for sc in captures)
 
     out_dir = ctx.outputs_dir / safe_path_component(study_key[0]) / safe_path_component(study_key[1])
     written = []

@@ -1,0 +1,218 @@
+"""Heatmap Secondary Captures: what the model looked at, for viewers that show nothing else.
+
+Per source image: one RGB SC per positive finding (its class activation map)
+and one summary SC (all positives' maps combined by pixelwise maximum, every
+outline drawn, the findings listed in the banner). Each is the radiograph in
+grey, the map blended in a jet-like colormap, the hot region(s) outlined, and
+a caption band added above the image (see `banner`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+from highdicom.sc import SCImage
+from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
+
+from inference.types import CHESTXRAY14, Finding, Heatmaps, ImageResult, ModelInfo
+from node.outputs import uids
+from node.outputs.banner import BannerLine, finding_banner, render_banner, summary_banner
+from node.outputs.equipment import MANUFACTURER, contributing_equipment, series_description
+from node.outputs.sr import source_header
+from node.terminology import load_terminology
+
+SC_SERIES_NUMBER = 9902
+SC_SERIES_BASE = "Carina AI heatmaps"
+MAX_SIDE = 2048  # longest side of the rendered image; larger sources are downscaled
+HEAT_OPACITY = 0.55  # at full activation; cold areas stay plain grey
+OUTLINE = (0, 255, 0)
+
+
+def build_heatmap_captures(
+    source: Dataset,
+    result: ImageResult,
+    model: ModelInfo,
+    *,
+    manufacturer: str = MANUFACTURER,
+    series_number: int = SC_SERIES_NUMBER,
+    first_instance_number: int = 1,
+    max_side: int = MAX_SIDE,
+    created: dt.datetime | None = None,
+) -> list[SCImage]:
+    """The summary SC first, then one per positive finding in CHESTXRAY14 order.
+
+    All SCs of a study share one series, so when a study has several source
+    images pass distinct `first_instance_number`s to keep Instance Numbers unique.
+    `created` fixes the date/time attributes (default: now) for reproducible bytes.
+    """
+    created = created or dt.datetime.now()
+    header = source_header(source)
+    grey = result.image.display_uint8()
+    scale = min(1.0, max_side / max(grey.shape))
+    shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
+    if scale < 1.0:
+        grey = np.asarray(Image.fromarray(grey).resize(shape[::-1], Image.Resampling.LANCZOS))
+    heatmaps = _rescaled(result.heatmaps, scale, shape)
+
+    positives = result.positives
+    if positives:
+        summary_heat = np.max([heatmaps.at_source(CHESTXRAY14.index(f.label)) for f in positives], axis=0)
+    else:
+        summary_heat = None  # no positive: colouring a negative map would suggest a finding
+    pictures: list[tuple[str, np.ndarray, list[BannerLine], tuple[Finding, ...]]] = [
+        ("summary", summary_heat, summary_banner(result, model), positives)
+    ]
+    for finding in positives:
+        heat = heatmaps.at_source(CHESTXRAY14.index(finding.label))
+        pictures.append((finding.label, heat, finding_banner(finding, model), (finding,)))
+
+    captures = []
+    for offset, (kind, heat, lines, outlined) in enumerate(pictures):
+        image = _compose(grey, heat, outlined, scale, lines)
+        captures.append(
+            _secondary_capture(
+                header, image, model, kind, lines, scale,
+                manufacturer=manufacturer,
+                series_number=series_number,
+                instance_number=first_instance_number + offset,
+                created=created,
+            )
+        )
+    return captures
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """uint8 RGB of `values` in 0..1 through a jet-like ramp (blue, cyan, yellow, red)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    red = np.clip(1.5 - np.abs(4.0 * v - 3.0), 0.0, 1.0)
+    green = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
+    blue = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
+    return np.rint(np.concatenate([red, green, blue], axis=-1) * 255.0).astype(np.uint8)
+
+
+def _rescaled(heatmaps: Heatmaps, scale: float, shape: tuple[int, int]) -> Heatmaps:
+    """The same maps with the crop geometry scaled, so `at_source` upsamples the
+    7x7 maps straight to the rendered size instead of to a 4k source first."""
+    if scale == 1.0:
+        return heatmaps
+    row0, col0, side = heatmaps.crop
+    crop = (round(row0 * scale), round(col0 * scale), max(1, round(side * scale)))
+    return Heatmaps(maps=heatmaps.maps, crop=crop, source_shape=shape)
+
+
+def _compose(
+    grey: np.ndarray,
+    heat: np.ndarray | None,
+    outlined: tuple[Finding, ...],
+    scale: float,
+    lines: list[BannerLine],
+) -> np.ndarray:
+    rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+    if heat is not None:
+        heat = np.clip(heat, 0.0, 1.0)[..., None]
+        alpha = HEAT_OPACITY * heat
+        rgb = rgb * (1.0 - alpha) + jet(heat[..., 0]).astype(np.float32) * alpha
+    picture = Image.fromarray(np.rint(rgb).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    width = max(2, round(max(picture.size) / 400))
+    for finding in outlined:
+        for region in finding.regions:
+            # Polygon vertices are array-index positions (pixel centres at
+            # integers); map centres through the downscale.
+            points = (np.asarray(region.polygon, dtype=np.float64) + 0.5) * scale - 0.5
+            draw.line([tuple(p) for p in points.tolist()], fill=OUTLINE, width=width, joint="curve")
+    banner = render_banner(lines, picture.size[0])
+    return np.concatenate([banner, np.asarray(picture)], axis=0)
+
+
+def _secondary_capture(
+    header: Dataset,
+    image: np.ndarray,
+    model: ModelInfo,
+    kind: str,
+    lines: list[BannerLine],
+    scale: float,
+    *,
+    manufacturer: str,
+    series_number: int,
+    instance_number: int,
+    created: dt.datetime,
+) -> SCImage:
+    orientation = [str(v) for v in (header.get("PatientOrientation") or []) if str(v)]
+    sc = SCImage.from_ref_dataset(
+        header,
+        image,
+        "RGB",
+        8,
+        "PATIENT",
+        series_instance_uid=uids.series_uid(header.StudyInstanceUID, model.version, "sc"),
+        series_number=series_number,
+        sop_instance_uid=uids.sc_instance_uid(header.SOPInstanceUID, model.version, kind),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        # highdicom insists on an orientation for PATIENT images; a header
+        # without one gets an empty (Type 2, "unknown") value below.
+        patient_orientation=tuple(orientation) if len(orientation) == 2 else ("L", "F"),
+        laterality=_series_laterality(header),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=series_description(SC_SERIES_BASE, model),
+        manufacturer_model_name=model.name[:64],
+        software_versions=model.version[:64],
+        content_date=DA(created.date()),
+        content_time=TM(created.time()),
+        specific_character_set="ISO_IR 192",  # the caveat's em dash is not Latin-1
+    )
+    if len(orientation) != 2:
+        sc.PatientOrientation = ""
+    # A chest is unpaired: Image Laterality "U" satisfies General Series'
+    # Laterality condition, whose enumerated values (R, L) have no "unpaired".
+    if "Laterality" not in sc:
+        sc.ImageLaterality = str(header.get("ImageLaterality") or "U")
+    if header.get("BodyPartExamined"):
+        sc.BodyPartExamined = header.BodyPartExamined
+    sc.ConversionType = "WSD"  # rendered by a workstation, not digitised from film or video
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = " / ".join(line.text for line in lines)[:10240]
+    sc.DerivationDescription = _derivation(kind, scale)
+    sc.SourceImageSequence = [_source_reference(header)]
+    sc.InstanceCreationDate = sc.DateOfSecondaryCapture = DA(created.date())
+    sc.InstanceCreationTime = sc.TimeOfSecondaryCapture = TM(created.time())
+    sc.ContributingEquipmentSequence = contributing_equipment(
+        [header], model, manufacturer=manufacturer, contributed_at=created
+    )
+    return sc
+
+
+def _series_laterality(source: Dataset) -> str | None:
+    laterality = str(source.get("Laterality") or "")
+    return laterality if laterality in ("R", "L") else None
+
+
+def _derivation(kind: str, scale: float) -> str:
+    what = (
+        "maximum of the positive findings' class activation maps"
+        if kind == "summary"
+        else f"class activation map for {load_terminology().finding(kind).display}"
+    )
+    text = (
+        f"Source rendered to 8-bit grey (VOI applied), {what} blended in a jet colormap, "
+        "hot regions outlined, caption band added above the image"
+    )
+    if scale < 1.0:
+        text += f"; downscaled by {scale:.3f}"
+    return text[:1024]
+
+
+def _source_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = Dataset()
+    code = codes.DCM.SourceImageForImageProcessingOperation
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    return item

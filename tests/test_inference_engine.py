@@ -1,0 +1,190 @@
+"""The engine end to end: findings, batching, conveniences, JSON round trip, purity."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dicom_factory as f
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torchxrayvision as xrv
+from PIL import Image
+
+from inference.decode import DecodeError, decode_dicom, decode_dicom_file, decode_png_or_jpeg
+from inference.engine import InferenceEngine
+from inference.model import load_model
+from inference.preprocess import prepare_input
+from inference.serialize import result_from_json, result_to_json
+from inference.types import CHESTXRAY14, ImageResult
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path_factory.mktemp("empty-cache")) + "/")
+        return load_model(None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return InferenceEngine(model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    tall = np.asarray(Image.fromarray(f.png_pixels(f.NIH_PNGS[1])).resize((700, 900)))
+    return [
+        decode_png_or_jpeg(f.NIH_PNGS[0]),
+        decode_png_or_jpeg(f.NIH_PNGS[1]),
+        decode_dicom_file(f.SIIM_MONO1),
+        decode_dicom_file(f.SIIM_MONO2),
+        decode_dicom(f.make_dx(tall, bits_stored=12)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def batch_results(engine, images) -> list[ImageResult]:
+    return engine.predict(images)
+
+
+def test_findings_are_raw_sigmoid_with_op_thresholds(model, images, batch_results):
+    x = torch.from_numpy(np.stack([prepare_input(image).array for image in images]))
+    with torch.no_grad():
+        raw = torch.sigmoid(model.forward(x)[0]).numpy()
+    for result, probabilities in zip(batch_results, raw):
+        assert [finding.label for finding in result.findings] == list(CHESTXRAY14)
+        for i, finding in enumerate(result.findings):
+            assert finding.probability == pytest.approx(float(probabilities[i]), abs=1e-6)
+            assert finding.threshold == model.op_thresholds[i]
+            assert finding.positive == (finding.probability >= finding.threshold)
+            assert bool(finding.regions) <= finding.positive  # regions only for positives
+        assert result.model == model.info
+    assert any(result.positives for result in batch_results)
+    assert all(region for result in batch_results for finding in result.positives for region in finding.regions)
+
+
+def test_heatmaps_and_regions_fit_the_source(images, batch_results):
+    for image, result in zip(images, batch_results):
+        assert result.image is image
+        assert result.heatmaps.source_shape == image.source_shape
+        assert result.heatmaps.maps.shape == (len(CHESTXRAY14), 7, 7)
+        rows, cols = image.source_shape
+        for finding in result.positives:
+            for region in finding.regions:
+                assert np.array_equal(region.polygon[0], region.polygon[-1])
+                assert region.polygon[:, 0].min() >= 0 and region.polygon[:, 0].max() <= cols - 1
+                assert region.polygon[:, 1].min() >= 0 and region.polygon[:, 1].max() <= rows - 1
+
+
+def test_a_batch_equals_one_at_a_time(engine, images, batch_results):
+    for image, batched in zip(images, batch_results):
+        (single,) = engine.predict([image])
+        p_single = np.array([x.probability for x in single.findings])
+        p_batched = np.array([x.probability for x in batched.findings])
+        np.testing.assert_allclose(p_batched, p_single, atol=1e-4)
+        np.testing.assert_allclose(batched.heatmaps.maps, single.heatmaps.maps, atol=1e-3)
+
+
+def test_batches_larger_than_max_batch_are_split(model, images, batch_results):
+    chunked = InferenceEngine(model, max_batch=2).predict(images)
+    assert len(chunked) == len(images)
+    for a, b in zip(chunked, batch_results):
+        np.testing.assert_allclose([x.probability for x in a.findings], [x.probability for x in b.findings], atol=1e-4)
+
+
+def test_engine_exposes_model_info(engine, model):
+    assert engine.model_info is model.info
+
+
+def test_timings_are_reported(batch_results):
+    for result in batch_results:
+        assert {"preprocess", "forward", "cam", "regions", "total"} <= result.timings_ms.keys()
+        assert all(v >= 0 for v in result.timings_ms.values())
+
+
+def test_predict_dicom_and_predict_file_agree(engine, tmp_path):
+    ds = f.make_dx(bits_stored=12, photometric="MONOCHROME1")
+    path = f.write(ds, tmp_path / "dx.dcm")
+    from_ds = engine.predict_dicom(pydicom.dcmread(path))
+    from_file = engine.predict_file(path)
+    from_png = engine.predict_file(f.NIH_PNGS[0])
+    assert "decode" in from_file.timings_ms and "decode" in from_ds.timings_ms
+    assert [x.probability for x in from_ds.findings] == [x.probability for x in from_file.findings]
+    assert from_png.image.source_shape == (512, 512)
+    with pytest.raises(DecodeError, match="not a PNG/JPEG"):
+        engine.predict_file(f.DATA / "README.md")
+    bare = tmp_path / "bare.dcm"  # no preamble, no file meta: still a DICOM dataset
+    bare_ds = pydicom.dcmread(path)
+    del bare_ds.file_meta
+    bare_ds.preamble = None
+    bare_ds.save_as(bare, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    from_bare = engine.predict_file(bare)
+    assert [x.probability for x in from_bare.findings] == [x.probability for x in from_file.findings]
+
+
+def test_region_level_is_configurable(model, images):
+    loose = InferenceEngine(model, region_threshold=0.2).predict(images[:2])
+    tight = InferenceEngine(model, region_threshold=0.8).predict(images[:2])
+    compared = 0
+    for a, b in zip(loose, tight):
+        for fa, fb in zip(a.positives, b.positives):
+            assert sum(r.area_px for r in fb.regions) < sum(r.area_px for r in fa.regions)
+            compared += 1
+    assert compared >= 1
+
+
+def test_json_round_trip_is_exact(batch_results):
+    for result in batch_results:
+        data = result_to_json(result)
+        text = json.dumps(data)  # must be plain JSON: no numpy scalars or arrays
+        assert "pixels" not in text
+        back = result_from_json(json.loads(text), result.image)
+        assert back.model == result.model
+        assert back.timings_ms == result.timings_ms
+        assert back.heatmaps.crop == result.heatmaps.crop
+        assert back.heatmaps.source_shape == result.heatmaps.source_shape
+        assert back.heatmaps.maps.dtype == np.float32
+        np.testing.assert_array_equal(back.heatmaps.maps, result.heatmaps.maps)
+        for a, b in zip(back.findings, result.findings):
+            assert (a.label, a.probability, a.threshold, a.positive) == (b.label, b.probability, b.threshold, b.positive)
+            assert len(a.regions) == len(b.regions)
+            for ra, rb in zip(a.regions, b.regions):
+                np.testing.assert_array_equal(ra.polygon, rb.polygon)
+                assert (ra.bbox, ra.area_px) == (rb.bbox, rb.area_px)
+
+
+def test_json_for_another_image_is_refused(batch_results, images):
+    data = result_to_json(batch_results[0])
+    with pytest.raises(ValueError, match="image"):
+        result_from_json(data, images[-1])  # a different size
+    with pytest.raises(ValueError, match="schema"):
+        result_from_json({**data, "schema": 99}, images[0])
+
+
+def test_package_is_pure_and_types_stay_light():
+    code = (
+        "import sys\n"
+        "import inference.types\n"
+        "assert 'torch' not in sys.modules, 'inference.types must not pull in torch'\n"
+        "import inference\n"
+        "from inference import InferenceEngine, load_model, prepare_input, result_to_json, DecodeError\n"
+        "import inference.cam, inference.decode, inference.engine, inference.model\n"
+        "import inference.preprocess, inference.regions, inference.serialize\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('node', 'dicom_scp')]\n"
+        "assert not bad, bad\n"
+        "assert callable(inference.prepare_input)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -1,0 +1,270 @@
+"""The model: fidelity to torchxrayvision, demo weights, weight files, device choice."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dicom_factory as f
+import numpy as np
+import pytest
+import skimage.io
+import torch
+import torchxrayvision as xrv
+from PIL import Image
+
+from inference.decode import decode_dicom_file, decode_png_or_jpeg
+from inference.model import (
+    DEMO_THRESHOLD,
+    MODEL_NAME,
+    PATHOLOGIES,
+    XRV_OP_THRESHOLDS,
+    XRV_WEIGHTS_FILENAME,
+    WeightsError,
+    build_demo_state_dict,
+    load_model,
+    save_safetensors,
+    select_device,
+)
+from inference.preprocess import center_crop_geometry, prepare_input
+from inference.types import CHESTXRAY14
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    # Hermetic: a developer's real ~/.torchxrayvision weights must not turn this into a real model.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path_factory.mktemp("empty-cache")) + "/")
+        return load_model(None, device="cpu")
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- fidelity to the torchxrayvision reference loop --------------------------------------
+
+
+def xrv_reference_input(path: Path) -> np.ndarray:
+    """[1,224,224] exactly as torchxrayvision's README/scripts prepare an image."""
+    if path.suffix == ".dcm":
+        img = xrv.utils.read_xray_dcm(path)
+    else:
+        img = xrv.datasets.normalize(skimage.io.imread(path), 255)
+        if img.ndim > 2:
+            img = img[:, :, 0]
+    img = xrv.datasets.XRayCenterCrop()(img[None, ...])
+    return xrv.datasets.XRayResizer(224)(img)
+
+
+def decode_any(path: Path):
+    return decode_dicom_file(path) if path.suffix == ".dcm" else decode_png_or_jpeg(path)
+
+
+@pytest.fixture(scope="module")
+def fidelity_images(tmp_path_factory) -> list[Path]:
+    # Every shared sample, plus a non-square 12-bit MONOCHROME1 DX so the crop
+    # arithmetic and inversion at another bit depth are exercised too.
+    tall = np.asarray(Image.fromarray(f.png_pixels()).resize((600, 760)))
+    extra = f.write(f.make_dx(tall, bits_stored=12, photometric="MONOCHROME1"), tmp_path_factory.mktemp("dx") / "dx.dcm")
+    images = sorted(f.DATA.glob("*.png")) + sorted(f.DATA.glob("*.dcm")) + [extra]
+    assert len(images) >= 5
+    return images
+
+
+@pytest.mark.filterwarnings("ignore:Converting MONOCHROME1")
+def test_all_18_outputs_match_the_torchxrayvision_pipeline(demo, fidelity_images):
+    reference_net = xrv.models.DenseNet(weights=None, apply_sigmoid=True, op_threshs=None)
+    reference_net.load_state_dict(demo.module.state_dict())
+    reference_net.eval()
+
+    ours, theirs = [], []
+    for path in fidelity_images:
+        image = decode_any(path)
+        model_input = prepare_input(image)
+        assert model_input.crop == center_crop_geometry(image.source_shape)
+        ours.append(model_input.array)
+        theirs.append(xrv_reference_input(path))
+    with torch.no_grad():
+        p_ref = reference_net(torch.from_numpy(np.stack(theirs))).numpy()
+        logits, _ = demo.forward(torch.from_numpy(np.stack(ours)))
+        p_ours = torch.sigmoid(logits).numpy()
+    assert p_ours.shape == p_ref.shape == (len(fidelity_images), 18)
+    worst = np.abs(p_ours - p_ref).max(axis=1)
+    print("max |dp| per image:", dict(zip([p.name for p in fidelity_images], worst.round(6))))
+    assert worst.max() <= 0.01, dict(zip([p.name for p in fidelity_images], worst))
+    # The images do differ in what the model says, so the comparison means something.
+    assert np.abs(p_ref[0] - p_ref[1]).max() > 0.02
+
+
+@pytest.mark.filterwarnings("ignore:Converting MONOCHROME1")
+def test_preprocessing_matches_xrv_pixels(fidelity_images):
+    for path in fidelity_images[:3]:
+        ours = prepare_input(decode_any(path)).array
+        theirs = xrv_reference_input(path)
+        assert ours.shape == theirs.shape == (1, 224, 224)
+        assert np.abs(ours - theirs).max() < 0.5  # in [-1024, 1024] units
+
+
+# --- demo weights --------------------------------------------------------------------------
+
+
+def test_demo_model_info_and_thresholds(demo):
+    assert demo.info.name == MODEL_NAME == "densenet121-res224-all"
+    assert demo.info.version == "demo-seed0" and demo.info.demo
+    assert demo.info.caveat and "NOT FOR CLINICAL USE" in demo.info.caveat
+    assert demo.op_thresholds == (DEMO_THRESHOLD,) * 18
+    assert not demo.module.training
+    assert demo.device.type == "cpu"
+
+
+def test_demo_weights_are_deterministic_and_leave_the_global_rng_alone(demo):
+    rng_before = torch.get_rng_state()
+    first = build_demo_state_dict(0)
+    second = build_demo_state_dict(0)
+    assert torch.equal(rng_before, torch.get_rng_state())
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert state_digest(first) == state_digest(demo.module.state_dict())
+    other_seed = build_demo_state_dict(1)
+    assert not torch.equal(first["classifier.weight"], other_seed["classifier.weight"])
+
+
+def test_demo_weights_are_identical_in_another_process(demo):
+    code = (
+        "import hashlib, torch\n"
+        "from inference.model import build_demo_state_dict\n"
+        "torch.set_num_threads(1)\n"  # a different thread setting must not matter either
+        "s = build_demo_state_dict(0)\n"
+        "h = hashlib.sha256()\n"
+        "for k in sorted(s):\n"
+        "    h.update(k.encode()); h.update(s[k].detach().contiguous().numpy().tobytes())\n"
+        "print(h.hexdigest())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == state_digest(demo.module.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore:Converting MONOCHROME1")
+def test_demo_outputs_are_moderate_image_dependent_and_mostly_negative(demo, fidelity_images):
+    batch = np.stack([prepare_input(decode_any(p)).array for p in fidelity_images])
+    with torch.no_grad():
+        p = torch.sigmoid(demo.forward(torch.from_numpy(batch))[0]).numpy()[:, : len(CHESTXRAY14)]
+    assert p.min() > 0.02 and p.max() < 0.98, p.round(3)  # not saturated
+    positives = (p >= DEMO_THRESHOLD).sum(axis=1)
+    assert positives.max() <= 5 and positives.sum() >= 1, positives  # a few, not none, not most
+    assert p.std(axis=0).max() > 0.1  # the image matters
+
+
+# --- weight files ----------------------------------------------------------------------------
+
+
+def test_safetensors_round_trip(demo, tmp_path):
+    path = save_safetensors(demo, tmp_path / "carina.safetensors")
+    sidecar = json.loads((tmp_path / "carina.json").read_text())
+    assert sidecar["pathologies"] == list(PATHOLOGIES) and sidecar["name"] == MODEL_NAME
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    loaded = load_model(path, device="cpu")
+    assert state_digest(loaded.module.state_dict()) == state_digest(demo.module.state_dict())
+    assert (loaded.info.name, loaded.info.version, loaded.info.demo) == (MODEL_NAME, "demo-seed0", True)
+    assert loaded.info.weights_sha256 == sidecar["sha256"]
+    assert loaded.op_thresholds == demo.op_thresholds
+
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        load_model(path, device="cpu")
+
+
+def test_safetensors_without_valid_sidecar_is_refused(demo, tmp_path):
+    path = save_safetensors(demo, tmp_path / "w.safetensors")
+    meta = json.loads((tmp_path / "w.json").read_text())
+    (tmp_path / "w.json").write_text(json.dumps({**meta, "pathologies": list(reversed(PATHOLOGIES))}))
+    with pytest.raises(WeightsError, match="outputs"):
+        load_model(path, device="cpu")
+    (tmp_path / "w.json").unlink()
+    with pytest.raises(WeightsError, match="sidecar"):
+        load_model(path, device="cpu")
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def xrv_pickle(demo, tmp_path_factory) -> Path:
+    """A torchxrayvision-style .pt: the whole nn.Module pickled (here with demo weights)."""
+    net = xrv.models.DenseNet(weights=None)
+    net.load_state_dict(demo.module.state_dict())
+    path = tmp_path_factory.mktemp("xrv") / XRV_WEIGHTS_FILENAME
+    torch.save(net, path)
+    return path
+
+
+def test_xrv_pickle_loads_with_real_thresholds(demo, xrv_pickle):
+    loaded = load_model(xrv_pickle, device="cpu")
+    digest = hashlib.sha256(xrv_pickle.read_bytes()).hexdigest()
+    assert loaded.info == loaded.info.__class__(MODEL_NAME, f"xrv-{digest[:12]}", False, digest)
+    assert loaded.info.caveat is None
+    assert loaded.op_thresholds == XRV_OP_THRESHOLDS == tuple(xrv.models.model_urls[MODEL_NAME]["op_threshs"])
+    assert state_digest(loaded.module.state_dict()) == state_digest(demo.module.state_dict())
+
+
+def test_xrv_cache_directory_is_used_when_no_path_is_given(xrv_pickle, monkeypatch):
+    monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(xrv_pickle.parent) + "/")
+    loaded = load_model(None, device="cpu")
+    assert not loaded.info.demo and loaded.info.version.startswith("xrv-")
+
+
+def test_pickle_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 2), path)
+    with pytest.raises(WeightsError, match="architecture"):
+        load_model(path, device="cpu")
+
+
+# --- device ------------------------------------------------------------------------------
+
+
+def test_cpu_when_cuda_is_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = select_device("auto")
+    assert plan.device == torch.device("cpu") and plan.amp_dtype is None and not plan.channels_last
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        select_device("cuda")
+
+
+@pytest.mark.parametrize("bf16,expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_gets_autocast_and_channels_last(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    plan = select_device("auto")
+    assert plan.device == torch.device("cuda") and plan.amp_dtype == expected and plan.channels_last
+    assert select_device("cuda:1").device == torch.device("cuda:1")
+    assert select_device("cpu").device == torch.device("cpu")  # explicit CPU wins
+    with pytest.raises(ValueError):
+        select_device("tpu")
+
+
+def test_empty_cache_falls_back_to_demo_weights_with_cpu_threads_applied(monkeypatch, tmp_path):
+    monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path) + "/")
+    before = torch.get_num_threads()
+    try:
+        loaded = load_model(None, device="cpu", cpu_threads=1, demo_seed=3)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert loaded.info.version == "demo-seed3" and loaded.info.demo
