@@ -27,6 +27,7 @@ def configure_logging(level: str = "INFO") -> None:
     # UIDs only in logs, never patient names: handlers log SOP/Study UIDs.
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every 1 s tick
 
 
 def prepare_storage(ctx: NodeContext) -> None:
