@@ -6,20 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchxrayvision as xrv
 
 from inference.cam import class_activation_maps, heatmaps_for_batch, scale_per_class
 from inference.decode import decode_dicom_file, decode_png_or_jpeg
-from inference.model import load_model
 from inference.preprocess import prepare_input
 from inference.types import CHESTXRAY14
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path_factory.mktemp("empty-cache")) + "/")
-        return load_model(None, device="cpu")
+def demo(demo_model):
+    return demo_model
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import torchxrayvision as xrv
 from PIL import Image
 
 from inference.decode import DecodeError, decode_dicom, decode_dicom_file, decode_png_or_jpeg
 from inference.engine import InferenceEngine
-from inference.model import load_model
 from inference.preprocess import prepare_input
 from inference.serialize import result_from_json, result_to_json
 from inference.types import CHESTXRAY14, ImageResult
@@ -26,10 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path_factory.mktemp("empty-cache")) + "/")
-        return load_model(None, device="cpu")
+def model(demo_model):
+    return demo_model
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    # Hermetic: a developer's real ~/.torchxrayvision weights must not turn this into a real model.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path_factory.mktemp("empty-cache")) + "/")
-        return load_model(None, device="cpu")
+def demo(demo_model):
+    return demo_model
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
