@@ -68,6 +68,22 @@ class InferenceSettings(_Strict):
     region_threshold: float = Field(default=0.5, gt=0, lt=1)
 
 
+class RoutingSettings(_Strict):
+    """What goes to the model. Everything else is stored and marked ignored
+    with the rule that excluded it."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    # Secondary Capture is only scored when its BodyPartExamined says chest.
+    sc_body_parts: list[str] = Field(default_factory=lambda: ["CHEST"])
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST"])
+    view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    score_laterals: bool = False  # LL/RL views; the model was trained on frontal views
+    min_age_years: int | None = Field(default=18, ge=0)
+    missing_age_eligible: bool = True
+    missing_body_part_eligible: bool = False
+    missing_view_position_eligible: bool = False
+
+
 class DicomDestination(_Strict):
     name: str
     type: Literal["dicom"]
@@ -99,6 +115,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     destinations: list[Destination] = Field(default_factory=list)
 

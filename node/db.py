@@ -53,6 +53,8 @@ class Study(Base):
     first_received_at: Mapped[float] = mapped_column(Float, default=now)
     last_received_at: Mapped[float] = mapped_column(Float, default=now, index=True)
     completed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # When the sender last released an association that carried this study.
+    released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Bumped each time the study is (re)processed; outputs and jobs carry it.
     version: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)

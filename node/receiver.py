@@ -71,3 +71,11 @@ def _record(db: Database, received: ReceivedInstance) -> None:
             log.info("study %s reopened by late instance %s", study.study_uid, received.sop_instance_uid)
             study.state = "received"
             study.reason = ""
+
+
+def record_release(db: Database, calling_ae: str, study_uids: list[str]) -> None:
+    """The sender closed an association that brought these studies."""
+    with db.session() as s:
+        for study in s.scalars(select(Study).where(Study.calling_ae == calling_ae, Study.study_uid.in_(study_uids))):
+            study.released_at = now()
+    log.info("association from %s released after %d study(ies)", calling_ae, len(study_uids))

@@ -17,7 +17,7 @@ from node.completion import complete_quiet_studies
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Database
-from node.receiver import record_instance
+from node.receiver import record_instance, record_release
 from node.worker import WorkerPool
 
 log = logging.getLogger("carina")
@@ -78,6 +78,7 @@ class Node:
             min_free_mb=s.storage.min_free_mb,
             max_associations=s.dicom.max_associations,
             allowed_calling_aets=s.dicom.allowed_calling_aets,
+            on_release=partial(record_release, ctx.db),
         )
         self.scp.start()
         ctx.ready["scp"] = True

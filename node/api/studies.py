@@ -73,6 +73,7 @@ def study_view(s, study: Study) -> dict:
         "first_received_at": _iso(study.first_received_at),
         "last_received_at": _iso(study.last_received_at),
         "completed_at": _iso(study.completed_at),
+        "released_at": _iso(study.released_at),
         "model": None if result is None else {
             "name": result.model_name,
             "version": result.model_version,

@@ -1,20 +1,54 @@
-"""Stage 1: decode every scoreable instance of a study and run the model."""
+"""Stage 1: route, decode and score every candidate instance of a study."""
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 from pydicom import dcmread
 from sqlalchemy import select
 
-from inference import DecodeError, decode_dicom, result_to_json
+from inference import DecodeError, DecodedImage, decode_dicom, result_to_json
 from node.context import NodeContext
 from node.db import Instance, Job, Result, Study
 from node.jobs import enqueue
+from node.routing import exclusion
 
 log = logging.getLogger(__name__)
 
-SCOREABLE = ("stored", "scored")
+CANDIDATES = ("stored", "scored")
+
+
+@dataclass
+class Assessment:
+    """One instance's fate before the model: an image to score, or why not."""
+
+    instance_id: int
+    sop_uid: str
+    image: DecodedImage | None = None
+    state: str = "scored"  # scored | ignored | failed
+    reason: str = ""
+
+
+def assess(ctx: NodeContext, instance_id: int, sop_uid: str, path: str) -> Assessment:
+    """Never raises: hostile files end as 'failed' with a reason."""
+    out = Assessment(instance_id, sop_uid)
+    try:
+        # defer_size: a 1 GB PixelData is not read until decode has checked
+        # the header's dimensions against the pixel budget.
+        ds = dcmread(path, defer_size="2 MB")
+        rule = exclusion(ds, ctx.settings.routing)
+        if rule:
+            out.state, out.reason = "ignored", rule
+            return out
+        out.image = decode_dicom(ds)
+    except DecodeError as exc:
+        out.state, out.reason = "failed", f"failed: {exc}"
+    except Exception as exc:  # truncated, corrupt, not DICOM at all
+        out.state, out.reason = "failed", f"failed: unreadable DICOM ({type(exc).__name__}: {exc})"[:500]
+    if out.state == "failed":
+        log.warning("instance %s not scoreable: %s", sop_uid, out.reason)
+    return out
 
 
 def run(ctx: NodeContext, job: Job) -> None:
@@ -23,42 +57,33 @@ def run(ctx: NodeContext, job: Job) -> None:
         if study.version != job.study_version:
             log.info("infer job %d superseded by study version %d", job.id, study.version)
             return
-        instances = s.scalars(
-            select(Instance).where(Instance.study_id == study.id, Instance.state.in_(SCOREABLE)).order_by(Instance.id)
+        todo = s.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.path)
+            .where(Instance.study_id == study.id, Instance.state.in_(CANDIDATES))
+            .order_by(Instance.id)
         ).all()
-        todo = [(i.id, i.sop_instance_uid, i.path) for i in instances]
 
-    decoded, failures = [], {}
-    for instance_id, sop_uid, path in todo:
-        try:
-            decoded.append((instance_id, sop_uid, decode_dicom(dcmread(path))))
-        except DecodeError as exc:
-            failures[instance_id] = f"failed: {exc}"
-        except Exception as exc:  # truncated or corrupt file: the study goes on without it
-            failures[instance_id] = f"failed: unreadable DICOM ({type(exc).__name__}: {exc})"[:500]
-        if instance_id in failures:
-            log.warning("instance %s not scoreable: %s", sop_uid, failures[instance_id])
-
+    assessed = [assess(ctx, *row) for row in todo]
+    scoreable = [a for a in assessed if a.image is not None]
     results = []
-    if decoded:
+    if scoreable:
         with ctx.engine_lock:
-            results = ctx.engine.predict([image for _, _, image in decoded])
+            results = ctx.engine.predict([a.image for a in scoreable])
 
     with ctx.db.session() as s:
         study = s.get(Study, job.study_id)
         if study.version != job.study_version:
             return
-        for instance_id, reason in failures.items():
-            instance = s.get(Instance, instance_id)
-            instance.state, instance.reason = "failed", reason
+        for a in assessed:
+            instance = s.get(Instance, a.instance_id)
+            instance.state, instance.reason = a.state, a.reason
         if not results:
-            study.state = "failed"
-            study.reason = "; ".join(sorted(set(failures.values())))[:2000] or "nothing to score"
-            log.warning("study %s failed: %s", study.study_uid, study.reason)
+            failed = any(a.state == "failed" for a in assessed)
+            study.state = "failed" if failed else "ignored"
+            study.reason = "; ".join(sorted({a.reason for a in assessed}))[:2000] or "nothing to score"
+            log.info("study %s %s: %s", study.study_uid, study.state, study.reason)
             return
-        for instance_id, _, _ in decoded:
-            s.get(Instance, instance_id).state = "scored"
-        payload = {sop_uid: result_to_json(r) for (_, sop_uid, _), r in zip(decoded, results)}
+        payload = {a.sop_uid: result_to_json(r) for a, r in zip(scoreable, results)}
         model = results[0].model
         row = s.scalar(select(Result).where(Result.study_id == study.id, Result.version == study.version))
         if row is None:
