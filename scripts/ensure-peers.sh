@@ -6,9 +6,10 @@ command -v Orthanc  >/dev/null || need+=(orthanc)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dsrdump  >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v chromium >/dev/null || need+=(chromium)  # the UI test drives Debian's Chromium; never `playwright install`
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"
 echo "installing Debian peers: ${need[*]}" >&2
 $sudo apt-get update
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y orthanc dcmtk dicom3tools
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y "${need[@]}"

@@ -21,3 +21,61 @@ def demo_model(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(xrv.utils, "get_cache_dir", lambda: str(tmp_path_factory.mktemp("empty-cache")) + "/")
         return load_model(None, device="cpu")
+
+
+POSTGRES_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
+
+
+def _sqlite_database(path):
+    from node.db import Database
+
+    db = Database(f"sqlite:///{path}")
+    db.create_schema()
+    return db
+
+
+def _postgres_database():
+    """A fresh schema in the machine's PostgreSQL `test` database, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from node.db import Database
+
+    schema = f"carina_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    except Exception as exc:  # a missing server is a failure, never a skip
+        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required for the scale-out tests: {exc}")
+    db = Database(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+    db.create_schema()
+
+    def drop():
+        db.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    return db, drop
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    db = _sqlite_database(tmp_path / "carina.db")
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request, tmp_path):
+    """The same test on the embedded default and on the scale-out database."""
+    if request.param == "sqlite":
+        db = _sqlite_database(tmp_path / "carina.db")
+        yield db
+        db.dispose()
+    else:
+        db, drop = _postgres_database()
+        yield db
+        drop()

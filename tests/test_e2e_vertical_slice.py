@@ -123,3 +123,36 @@ def test_api_requires_a_token_and_shows_study_state(loop):
     view = node.api(f"/api/v1/studies/{studies['dx'].StudyInstanceUID}")
     assert view["model"]["demo"] is True and view["model"]["caveat"] == DEMO_WARNING
     assert len(view["images"][0]["findings"]) == 14
+
+
+def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
+    """The operator UI in Debian's Chromium (Playwright drives it; no browser download)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from peers import require_tool
+
+    node, _, studies, _ = loop
+    dx_uid = studies["dx"].StudyInstanceUID
+    wait_until(lambda: node.api(f"/api/v1/studies/{dx_uid}")["state"] == "done", 240, what="dx study done")
+    chromium = require_tool("chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(node.url)
+            expect(page.locator("#demo-banner")).to_have_text(DEMO_WARNING)
+            page.fill("#token", node.token)
+            page.click("#save-token")
+            row = page.locator(f"tr.study[data-uid='{dx_uid}']")
+            expect(row).to_contain_text("done")
+            row.click()
+            expect(page.locator("#detail-uid")).to_have_text(dx_uid)
+            expect(page.locator("#detail-state")).to_contain_text(DEMO_WARNING)
+            expect(page.locator("#detail-findings tr")).to_have_count(14)
+            expect(page.locator("#detail-deliveries")).to_contain_text("pacs: done")
+            page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+        finally:
+            browser.close()

@@ -17,11 +17,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'q.db'}")
-    database.create_schema()
-    yield database
-    database.dispose()
+def db(any_db):
+    return any_db
 
 
 def received(study="1.2.3", sop="1.2.3.1", sop_class=CR, ae="MOD") -> ReceivedInstance:
@@ -130,3 +127,53 @@ def test_backoff_grows_exponentially_with_a_cap():
     for attempt, step in [(1, 2), (2, 4), (3, 8), (10, 60)]:
         for _ in range(20):
             assert step / 2 <= b.delay(attempt) <= step
+
+
+def test_concurrent_workers_claim_each_job_exactly_once(db):
+    import threading
+
+    record_instance(db, received())
+    sid = study(db).id
+    with db.session() as s:
+        for version in range(1, 41):
+            enqueue(s, sid, "infer", version)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := claim(db, name, lease_seconds=300)) is not None:
+            with lock:
+                claimed.append(job.id)
+            assert succeed(db, job)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(claimed) == sorted({j.id for j in jobs(db)}) and len(claimed) == 40
+    assert {j.state for j in jobs(db)} == {"done"}
+
+
+def test_concurrent_first_instances_create_one_study(db):
+    import threading
+
+    errors: list[BaseException] = []
+
+    def send(n: int) -> None:
+        try:
+            record_instance(db, received(study="7.7.7", sop=f"7.7.7.{n}"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with db.session() as s:
+        assert len(s.scalars(select(Study).where(Study.study_uid == "7.7.7")).all()) == 1
+        from node.db import Instance
+
+        assert len(s.scalars(select(Instance)).all()) == 8

@@ -21,11 +21,8 @@ from peers import free_port, require_tool, store_responses, storescu
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'scp.db'}")
-    database.create_schema()
-    yield database
-    database.dispose()
+def db(sqlite_db):
+    return sqlite_db
 
 
 def start_scp(tmp_path, db, **kwargs) -> StorageSCP:
