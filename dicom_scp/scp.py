@@ -16,7 +16,6 @@ from typing import Callable, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
@@ -82,6 +81,19 @@ def safe_path_component(value: str) -> str:
 
 def instance_path(root: Path, calling_ae: str, study_uid: str, sop_uid: str) -> Path:
     return root / safe_path_component(calling_ae) / safe_path_component(study_uid) / f"{safe_path_component(sop_uid)}.dcm"
+
+
+def _header_fields(path: Path) -> dict[str, str]:
+    """The few header values the receiver records, as stripped text.
+
+    pydicom converts values lazily, so a malformed value raises here, inside
+    the caller's try, rather than later."""
+    header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    fields = {}
+    for keyword in _HEADER_TAGS[1:]:
+        value = header.get(keyword, "")
+        fields[keyword] = "" if value is None else str(value).strip()
+    return fields
 
 
 def _status(status: int, comment: str) -> Dataset:
@@ -192,26 +204,26 @@ class StorageSCP:
         request = event.request
         temp = Path(event.dataset_path)
         try:
-            header = dcmread(temp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+            fields = _header_fields(temp)
+        except Exception as exc:
+            # Whatever pydicom raises on hostile bytes (BytesLengthException,
+            # zlib.error, struct.error, ...) means "cannot understand", never
+            # Out of Resources: a sender retries that forever.
             raise Refusal(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
 
-        sop_class = str(header.get("SOPClassUID", "") or "")
-        sop_uid = str(header.get("SOPInstanceUID", "") or "")
-        study_uid = str(header.get("StudyInstanceUID", "") or "")
+        sop_class, sop_uid, study_uid = fields["SOPClassUID"], fields["SOPInstanceUID"], fields["StudyInstanceUID"]
         if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
             raise Refusal(DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the request")
         if not study_uid:
             raise Refusal(MISSING_ATTRIBUTE, "missing StudyInstanceUID")
+        if len(study_uid) > 64 or len(sop_uid) > 64:
+            # UI is at most 64 characters; the database keys on these.
+            raise Refusal(CANNOT_UNDERSTAND, "invalid UID: longer than 64 characters")
 
         calling_ae = event.assoc.requestor.ae_title
         final = instance_path(self.instances_dir, calling_ae, study_uid, sop_uid)
         size = temp.stat().st_size
         move_durably(temp, final)
-
-        def text(keyword: str) -> str:
-            value = header.get(keyword, "")
-            return "" if value is None else str(value).strip()
 
         return ReceivedInstance(
             calling_ae=calling_ae,
@@ -219,11 +231,11 @@ class StorageSCP:
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
             study_uid=study_uid,
-            series_uid=text("SeriesInstanceUID"),
+            series_uid=fields["SeriesInstanceUID"],
             transfer_syntax_uid=str(event.context.transfer_syntax),
-            patient_id=text("PatientID"),
-            accession_number=text("AccessionNumber"),
-            modality=text("Modality"),
+            patient_id=fields["PatientID"],
+            accession_number=fields["AccessionNumber"],
+            modality=fields["Modality"],
             path=final,
             size_bytes=size,
         )

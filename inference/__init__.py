@@ -30,14 +30,23 @@ _EXPORTS: dict[str, str] = {
     "WeightsError": "inference.model",
     "build_demo_state_dict": "inference.model",
     "default_weights_path": "inference.model",
+    "demo_version": "inference.model",
+    "import_xrv_checkpoint": "inference.model",
     "load_model": "inference.model",
     "save_safetensors": "inference.model",
     "select_device": "inference.model",
+    "warm_up": "inference.model",
+    "write_weights": "inference.model",
     # cam, regions, engine, serialize
     "class_activation_maps": "inference.cam",
     "heatmaps_for_batch": "inference.cam",
     "find_regions": "inference.regions",
     "InferenceEngine": "inference.engine",
+    "decode_image": "inference.engine",
+    "sniff_format": "inference.engine",
+    "BatchingEngine": "inference.batcher",
+    "BatcherClosed": "inference.batcher",
+    "SeverityBands": "inference.severity",
     "result_from_json": "inference.serialize",
     "result_to_json": "inference.serialize",
     # shared types
@@ -76,7 +85,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         decode_dicom_file,
         decode_png_or_jpeg,
     )
-    from inference.engine import InferenceEngine  # noqa: F401
+    from inference.batcher import BatcherClosed, BatchingEngine  # noqa: F401
+    from inference.engine import InferenceEngine, decode_image, sniff_format  # noqa: F401
     from inference.model import (  # noqa: F401
         MODEL_NAME,
         PATHOLOGIES,
@@ -85,13 +95,18 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         WeightsError,
         build_demo_state_dict,
         default_weights_path,
+        demo_version,
+        import_xrv_checkpoint,
         load_model,
         save_safetensors,
         select_device,
+        warm_up,
+        write_weights,
     )
     from inference.preprocess import ModelInput, center_crop_geometry, prepare_input  # noqa: F401
     from inference.regions import find_regions  # noqa: F401
     from inference.serialize import result_from_json, result_to_json  # noqa: F401
+    from inference.severity import SeverityBands  # noqa: F401
     from inference.types import (  # noqa: F401
         CHESTXRAY14,
         DEMO_WARNING,

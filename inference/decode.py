@@ -168,15 +168,24 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
 
 
 def _grey_pipeline(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float]:
-    """Modality LUT, VOI, MONOCHROME1 inversion; returns (float32 pixels, maxval)."""
-    values, value_range = _modality(stored, ds)
+    """Modality LUT, VOI, MONOCHROME1 inversion; returns (float32 pixels, maxval).
+
+    Memory: one float32 working array, updated in place from the rescale to
+    the inversion (the arithmetic, and so every bit of the result, is the
+    same as with temporaries). Peak for a native 16-bit frame is about 8 bytes
+    per pixel on top of the dataset: stored 2, decoded copy 2, working array 4
+    (tests/test_inference_decode.py measures a 4k x 4k DX).
+    """
+    values, value_range = _modality(stored, ds)  # a fresh float32 array this pipeline owns
 
     if _has_voi_lut(ds):
         lut = _Lut.from_item(ds.VOILUTSequence[0], ds)
         pixels, maxval = lut.apply(values), float(lut.output_max)
+        del values
     elif _has_window(ds):
         maxval = float(2 ** int(ds.BitsStored) - 1)
-        pixels = _window_fraction(values, ds) * maxval
+        pixels = _window_fraction(values, ds)  # in place
+        pixels *= maxval
     else:
         # No VOI: like torchxrayvision, stretch the *possible* range, not the
         # image's actual min..max (which would make each image's contrast depend
@@ -184,19 +193,23 @@ def _grey_pipeline(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float]:
         # a positive slope this is exactly xrv's `x / (2**BitsStored-1)`.
         lo, hi = value_range
         maxval = float(2 ** int(ds.BitsStored) - 1)
-        pixels = (values - lo) / max(hi - lo, 1e-12) * maxval
+        pixels = values
+        pixels -= lo
+        pixels /= max(hi - lo, 1e-12)
+        pixels *= maxval
 
-    pixels = np.clip(pixels, 0.0, maxval)
+    pixels = pixels.astype(np.float32, copy=False)
+    np.clip(pixels, 0.0, maxval, out=pixels)
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
-        pixels = maxval - pixels
-    return pixels.astype(np.float32, copy=False), maxval
+        np.subtract(np.float32(maxval), pixels, out=pixels)
+    return pixels, maxval
 
 
 def _modality(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float, float]]:
     """Apply the Modality LUT/rescale; also return the range the output can span."""
     if ds.get("ModalityLUTSequence"):
         lut = _Lut.from_item(ds.ModalityLUTSequence[0], ds)
-        return lut.apply(stored), (0.0, float(lut.output_max))
+        return lut.apply(stored), (0.0, float(lut.output_max))  # float32, fresh
     bits = int(ds.BitsStored)
     if int(ds.get("PixelRepresentation", 0)) == 1:
         stored_lo, stored_hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -205,7 +218,11 @@ def _modality(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, tuple[float,
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     # float32 holds every 16-bit stored value exactly; the rescale adds ~1e-7 relative error.
-    values = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    values = stored.astype(np.float32)  # then in place: the same float32 arithmetic, no temporaries
+    if slope != 1:
+        values *= np.float32(slope)
+    if intercept:
+        values += np.float32(intercept)
     ends = sorted((stored_lo * slope + intercept, stored_hi * slope + intercept))
     # A negative slope flips the order; brighter is still "larger after rescale".
     return values, (ends[0], ends[1])
@@ -220,7 +237,7 @@ class _Lut:
     """
 
     def __init__(self, entries: np.ndarray, first_mapped: int, declared_bits: int) -> None:
-        self.entries = entries.astype(np.float64)
+        self.entries = entries.astype(np.float32)  # LUT entries are <= 16 bits: exact in float32
         self.first_mapped = first_mapped
         self.output_max = _lut_output_max(entries, declared_bits)
 
@@ -244,10 +261,19 @@ class _Lut:
         return cls(entries[:n_entries], first_mapped, bits)
 
     def apply(self, values: np.ndarray) -> np.ndarray:
-        # Entries are indexed by integer input values; rescaled values of integer
-        # stored pixels are integral, so rounding only removes float noise.
-        index = np.clip(np.rint(values) - self.first_mapped, 0, len(self.entries) - 1).astype(np.intp)
-        return self.entries[index]
+        """float32 LUT output for `values` (not modified).
+
+        Entries are indexed by integer input values; rescaled values of integer
+        stored pixels are integral, so rounding only removes float noise. The
+        index is int32 (4 bytes a pixel, not intp's 8) built in one buffer.
+        """
+        if np.issubdtype(values.dtype, np.integer):
+            index = values.astype(np.int32)
+        else:
+            index = np.rint(values).astype(np.int32)
+        index -= self.first_mapped
+        np.clip(index, 0, len(self.entries) - 1, out=index)
+        return np.take(self.entries, index)
 
 
 def _lut_output_max(entries: np.ndarray, declared_bits: int) -> int:
@@ -273,6 +299,8 @@ def _has_window(ds: Dataset) -> bool:
 def _window_fraction(values: np.ndarray, ds: Dataset) -> np.ndarray:
     """Window to 0..1 with the first of possibly several windows (PS3.3 C.11.2.1.2-3).
 
+    `values` (float32, owned by the caller's pipeline) is overwritten with the result.
+
     The formulas are pydicom's `apply_windowing` (a test holds them equal), but
     written here because pydicom's output range depends on BitsStored, signedness
     and the rescale of `ds` (negative for signed data, reversed for a negative
@@ -287,16 +315,31 @@ def _window_fraction(values: np.ndarray, ds: Dataset) -> np.ndarray:
         if width < 1:
             raise DecodeError(f"invalid window: a LINEAR Window Width must be >= 1, got {width:g}")
         if width == 1:  # degenerate: a threshold at center - 0.5
-            return (x > center - 0.5).astype(np.float32)
-        return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
-    if width <= 0:
+            np.greater(x, center - 0.5, out=x)
+            return x
+        x -= center - 0.5
+        x /= width - 1
+        x += 0.5
+    elif width <= 0:
         raise DecodeError(f"invalid window: Window Width must be > 0 for {function}, got {width:g}")
-    if function == "LINEAR_EXACT":
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    if function == "SIGMOID":
+    elif function == "LINEAR_EXACT":
+        x -= center
+        x /= width
+        x += 0.5
+    elif function == "SIGMOID":
         # Clipped exponent: a narrow sigmoid would overflow float32 where it is 0 or 1 anyway.
-        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (x - center) / width, -80.0, 80.0)))
-    raise DecodeError(f"invalid window: unsupported VOI LUT Function {function!r}")
+        x -= center
+        x *= -4.0
+        x /= width
+        np.clip(x, -80.0, 80.0, out=x)
+        np.exp(x, out=x)
+        x += 1.0
+        np.reciprocal(x, out=x)
+        return x
+    else:
+        raise DecodeError(f"invalid window: unsupported VOI LUT Function {function!r}")
+    np.clip(x, 0.0, 1.0, out=x)
+    return x
 
 
 def _first(value) -> float:

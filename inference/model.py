@@ -1,14 +1,18 @@
 """The torchxrayvision DenseNet-121 (`densenet121-res224-all`) and its weights.
 
-Weights come, in order, from an explicit path (safetensors + sidecar JSON, or
-an xrv `.pt` pickle), from xrv's own cache directory, or from deterministic
-demo weights so the node runs end to end without anything downloaded.
-Nothing here touches the network: the architecture is built with
-`weights=None`, which never downloads.
+At run time weights come only from a safetensors state_dict with its sidecar
+JSON (`load_model(path)`), or, with no path, from deterministic demo weights
+built in memory. A torchxrayvision `.pt` is a pickled whole `nn.Module`, i.e.
+executable code: it is refused at run time and unpickled only by
+`import_xrv_checkpoint` (behind `carina model import`), after its SHA-256 has
+been checked against the one the operator supplies. Nothing here touches the
+network: the architecture is built with `weights=None`, which never downloads.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -30,6 +34,7 @@ PATHOLOGIES: tuple[str, ...] = tuple(_XRV_ENTRY["labels"])  # the 18 outputs, CH
 XRV_OP_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in _XRV_ENTRY["op_threshs"])
 XRV_WEIGHTS_FILENAME = os.path.basename(_XRV_ENTRY["weights_url"])
 DEMO_THRESHOLD = 0.5
+WEIGHTS_FORMAT = "carina-weights/1"  # the sidecar's "format"; bump on incompatible changes
 
 assert PATHOLOGIES[: len(CHESTXRAY14)] == CHESTXRAY14, "xrv changed its output order"
 
@@ -97,7 +102,9 @@ def select_device(device: str = "auto") -> DevicePlan:
 
 
 def default_weights_path() -> Path:
-    """Where torchxrayvision keeps (and would download) the `all` weights."""
+    """Where torchxrayvision keeps (and would download) the `all` weights.
+
+    Run time never reads this file; the node only points the operator at it."""
     return Path(xrv.utils.get_cache_dir()) / XRV_WEIGHTS_FILENAME
 
 
@@ -108,17 +115,25 @@ def load_model(
     *,
     demo_seed: int = 0,
 ) -> LoadedModel:
-    """Build the network with the first available weights (see module docstring)."""
+    """The network with safetensors weights (plus sidecar) from `weights`, or demo weights.
+
+    Never unpickles: a `.pt` is refused with the command that imports it.
+    """
     plan = select_device(device)  # first: a missing GPU should fail before seconds of loading
     if weights is not None:
         state, info, thresholds = _read_weights(Path(weights))
-    elif default_weights_path().is_file():
-        state, info, thresholds = _read_xrv_checkpoint(default_weights_path())
     else:
         state = build_demo_state_dict(demo_seed)
-        info = ModelInfo(name=MODEL_NAME, version=f"demo-seed{demo_seed}", demo=True)
+        info = ModelInfo(name=MODEL_NAME, version=demo_version(demo_seed), demo=True)
         thresholds = (DEMO_THRESHOLD,) * len(PATHOLOGIES)
+    return _build(state, info, thresholds, plan, cpu_threads)
 
+
+def demo_version(seed: int = 0) -> str:
+    return f"demo-seed{seed}"
+
+
+def _build(state: dict, info: ModelInfo, thresholds, plan: DevicePlan, cpu_threads: int = 0) -> LoadedModel:
     module = _architecture()
     try:
         module.load_state_dict(state, strict=True)
@@ -128,33 +143,54 @@ def load_model(
 
     if plan.device.type == "cpu" and cpu_threads > 0:
         torch.set_num_threads(cpu_threads)  # process-wide: the node runs one model
+    if plan.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 224x224 input: let cuDNN pick its fastest kernels
     module.to(plan.device)
     if plan.channels_last:
         module.to(memory_format=torch.channels_last)
     return LoadedModel(module=module, info=info, op_thresholds=tuple(thresholds), plan=plan)
 
 
-def save_safetensors(model: LoadedModel, path: str | os.PathLike) -> Path:
-    """Write the state_dict as safetensors plus the sidecar JSON `load_model` reads.
+def warm_up(model: LoadedModel, batch_sizes: tuple[int, ...] = (1,)) -> None:
+    """Run throw-away batches so the first real request pays no allocator/kernel-selection cost."""
+    with torch.inference_mode():
+        for b in batch_sizes:
+            model.forward(torch.zeros(b, 1, INPUT_SIZE, INPUT_SIZE))
 
-    This is how an operator-imported xrv pickle becomes a file that loads
-    without unpickling code.
-    """
-    from safetensors.torch import save_file
 
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.module.state_dict().items()}
-    save_file(state, str(path))
-    sidecar = {
+def save_safetensors(model: LoadedModel, path: str | os.PathLike, **extra_meta) -> Path:
+    """Write a loaded model's state_dict as safetensors plus the sidecar `load_model` reads."""
+    meta = {
         "name": model.info.name,
         "version": model.info.version,
         "demo": model.info.demo,
-        "pathologies": list(PATHOLOGIES),
         "op_threshs": list(model.op_thresholds),
+        "source_sha256": model.info.source_sha256,
+        **extra_meta,
+    }
+    return write_weights(model.module.state_dict(), meta, path)
+
+
+def write_weights(state: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> Path:
+    """`state` as safetensors at `path`, and `meta` (plus format, outputs and the file's
+    SHA-256) as the sidecar JSON next to it. Both are fsynced: an import that
+    reports success survives a power cut."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != "op_threshs"}
+    save_file(tensors, str(path), metadata={"format": WEIGHTS_FORMAT, "name": str(meta["name"]), "version": str(meta["version"])})
+    sidecar = {
+        "format": WEIGHTS_FORMAT,
+        "architecture": MODEL_NAME,
+        "pathologies": list(PATHOLOGIES),
+        **meta,
         "sha256": _sha256(path),
-        "source_sha256": model.info.weights_sha256,
     }
     sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    for p in (path, sidecar_path(path)):
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
     return path
 
 
@@ -168,39 +204,127 @@ def sidecar_path(weights: Path) -> Path:
 def _read_weights(path: Path) -> tuple[dict, ModelInfo, tuple[float, ...]]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_xrv_checkpoint(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(
+            f"{path} is not a .safetensors state_dict. Run time never unpickles weights (a .pt is "
+            "executable code); import it once with: carina model import "
+            f"{path} --name NAME --version VERSION --sha256 <published SHA-256>"
+        )
+    return _read_safetensors(path)
 
 
-def _read_xrv_checkpoint(path: Path) -> tuple[dict, ModelInfo, tuple[float, ...]]:
-    """A torchxrayvision `.pt`: a pickled whole nn.Module (so: executable code).
+@dataclass(frozen=True)
+class XrvCheckpoint:
+    """What an imported torchxrayvision pickle contributes."""
 
-    Only operator-placed files reach here; FIELD_NOTES' advice stands: import
-    once, then run from the safetensors that `save_safetensors` writes.
+    state: dict[str, torch.Tensor]
+    op_thresholds: tuple[float, ...]
+    op_thresholds_source: str
+    sha256: str
+    module: nn.Module | None  # the unpickled module itself, kept to cross-check the conversion
+
+
+def unpickle_xrv_checkpoint(path: str | os.PathLike, expected_sha256: str) -> XrvCheckpoint:
+    """Verify the file's SHA-256, then (and only then) unpickle it.
+
+    The ONLY place Carina calls `torch.load(weights_only=False)`. The bytes are
+    read once, hashed and unpickled from memory, so the file cannot change
+    between the check and the load.
     """
-    digest = _sha256(path)
+    path = Path(path)
+    expected = expected_sha256.strip().lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise WeightsError(f"--sha256 must be 64 hex digits, got {expected_sha256!r}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise WeightsError(
+            f"SHA-256 mismatch for {path}: the file has {digest}, expected {expected}. "
+            "Refusing to unpickle it (a pickle is executable code); check the download."
+        )
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise WeightsError(f"cannot load {path}: {exc}") from exc
+        raise WeightsError(f"cannot load {path} as a torch checkpoint: {exc}") from exc
+
+    module = None
     if isinstance(obj, nn.Module):
+        module = obj
         # Old pickles predate this attribute, and state_dict() needs it (xrv does the same).
         for mod in obj.modules():
             if not hasattr(mod, "_non_persistent_buffers_set"):
                 mod._non_persistent_buffers_set = set()
+        labels = getattr(obj, "pathologies", None) or getattr(obj, "targets", None)
+        if labels is not None and tuple(labels) != PATHOLOGIES:
+            raise WeightsError(f"{path} predicts {list(labels)}, not the 18 outputs of {MODEL_NAME}")
         state = obj.state_dict()
-    elif isinstance(obj, dict):
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = obj
     else:
         raise WeightsError(f"{path} holds a {type(obj).__name__}, not a model or state_dict")
+
+    thresholds, source = XRV_OP_THRESHOLDS, f"torchxrayvision model_urls[{MODEL_NAME!r}]['op_threshs']"
+    stored = state.get("op_threshs")
+    if isinstance(stored, torch.Tensor) and stored.numel() == len(PATHOLOGIES):
+        values = tuple(float(t) for t in stored.flatten())
+        if all(0.0 < t < 1.0 for t in values[: len(CHESTXRAY14)]):
+            thresholds, source = values, "checkpoint buffer op_threshs"
     state = {k: v for k, v in state.items() if k != "op_threshs"}  # we apply thresholds ourselves
-    info = ModelInfo(name=MODEL_NAME, version=f"xrv-{digest[:12]}", demo=False, weights_sha256=digest)
-    return state, info, XRV_OP_THRESHOLDS
+    return XrvCheckpoint(state=state, op_thresholds=thresholds, op_thresholds_source=source, sha256=digest, module=module)
+
+
+def import_xrv_checkpoint(
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    name: str,
+    version: str,
+    expected_sha256: str,
+) -> dict:
+    """Verify, unpickle and convert an xrv `.pt` into `dest` (.safetensors + sidecar).
+
+    Returns the sidecar metadata. Checks before writing: the state_dict fits
+    the architecture. Checks after writing: the safetensors file, loaded the
+    way run time loads it, gives the same logits as the unpickled module.
+    """
+    checkpoint = unpickle_xrv_checkpoint(source, expected_sha256)
+    plan = DevicePlan(torch.device("cpu"), None, False)
+    info = ModelInfo(name=name, version=version, demo=False, source_sha256=checkpoint.sha256)
+    reference = _build(checkpoint.state, info, checkpoint.op_thresholds, plan)  # raises WeightsError if it does not fit
+    meta = {
+        "name": name,
+        "version": version,
+        "demo": False,
+        "op_threshs": list(checkpoint.op_thresholds),
+        "op_threshs_source": checkpoint.op_thresholds_source,
+        "source_sha256": checkpoint.sha256,
+        "source_file": Path(source).name,
+        "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "torchxrayvision": xrv.__version__,
+    }
+    dest = write_weights(reference.module.state_dict(), meta, dest)
+
+    loaded = load_model(dest, device="cpu")
+    probe = synthetic_chest_phantoms(torch.Generator().manual_seed(1234), 2)
+    with torch.inference_mode():
+        ours, _ = loaded.forward(probe)
+        if checkpoint.module is not None:
+            m = checkpoint.module.eval()
+            theirs = m.classifier(F.adaptive_avg_pool2d(F.relu(m.features(probe)), (1, 1)).flatten(1))
+        else:
+            theirs, _ = reference.forward(probe)
+    if not torch.allclose(ours, theirs.float(), atol=1e-4, rtol=1e-4):
+        raise WeightsError(f"the converted weights disagree with {source} (max |dlogit| {(ours - theirs).abs().max():.3g})")
+    return json.loads(sidecar_path(dest).read_text())
 
 
 def _read_safetensors(path: Path) -> tuple[dict, ModelInfo, tuple[float, ...]]:
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
 
     meta_path = sidecar_path(path)
     try:
@@ -210,7 +334,8 @@ def _read_safetensors(path: Path) -> tuple[dict, ModelInfo, tuple[float, ...]]:
     missing = {"name", "version", "pathologies", "op_threshs", "sha256"} - meta.keys()
     if missing:
         raise WeightsError(f"{meta_path} lacks {sorted(missing)}")
-    digest = _sha256(path)
+    data = path.read_bytes()  # hashed and parsed from the same bytes: no check-then-reread window
+    digest = hashlib.sha256(data).hexdigest()
     if digest != meta["sha256"]:
         raise WeightsError(f"{path} has SHA-256 {digest}, its sidecar says {meta['sha256']}")
     if tuple(meta["pathologies"]) != PATHOLOGIES:
@@ -219,9 +344,17 @@ def _read_safetensors(path: Path) -> tuple[dict, ModelInfo, tuple[float, ...]]:
     if len(thresholds) != len(PATHOLOGIES) or not all(0.0 < t < 1.0 for t in thresholds[: len(CHESTXRAY14)]):
         raise WeightsError(f"{meta_path} op_threshs must be 18 probabilities: {meta['op_threshs']}")
     info = ModelInfo(
-        name=meta["name"], version=meta["version"], demo=bool(meta.get("demo", False)), weights_sha256=digest
+        name=meta["name"],
+        version=meta["version"],
+        demo=bool(meta.get("demo", False)),
+        weights_sha256=digest,
+        source_sha256=meta.get("source_sha256"),
     )
-    return load_file(str(path)), info, thresholds
+    try:
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a valid safetensors file: {exc}") from exc
+    return state, info, thresholds
 
 
 def _sha256(path: Path) -> str:

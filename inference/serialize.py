@@ -23,6 +23,7 @@ def result_to_json(result: ImageResult) -> dict[str, Any]:
             "version": result.model.version,
             "demo": result.model.demo,
             "weights_sha256": result.model.weights_sha256,
+            "source_sha256": result.model.source_sha256,
         },
         "findings": [_finding_to_json(f) for f in result.findings],
         "heatmaps": {
@@ -58,6 +59,7 @@ def result_from_json(data: dict[str, Any], image: DecodedImage) -> ImageResult:
             version=model["version"],
             demo=bool(model["demo"]),
             weights_sha256=model.get("weights_sha256"),
+            source_sha256=model.get("source_sha256"),
         ),
         timings_ms={k: float(v) for k, v in data.get("timings_ms", {}).items()},
     )
@@ -69,6 +71,7 @@ def _finding_to_json(finding: Finding) -> dict[str, Any]:
         "probability": float(finding.probability),
         "threshold": float(finding.threshold),
         "positive": bool(finding.positive),
+        "severity": finding.severity,
         "regions": [
             {
                 "polygon": np.asarray(r.polygon, dtype=np.float64).tolist(),
@@ -94,4 +97,5 @@ def _finding_from_json(data: dict[str, Any]) -> Finding:
             )
             for r in data["regions"]
         ),
+        severity=data.get("severity"),  # absent in results stored before severities existed
     )

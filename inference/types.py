@@ -38,7 +38,15 @@ class ModelInfo:
     name: str  # e.g. "densenet121-res224-all"
     version: str  # e.g. "demo-seed0" or the imported version
     demo: bool
-    weights_sha256: str | None = None
+    weights_sha256: str | None = None  # of the safetensors file actually loaded
+    # Of the file the operator imported (the torchxrayvision pickle), as verified
+    # by `carina model import`; None for demo weights.
+    source_sha256: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """`name@version`, how the model registry and the CLI name a model."""
+        return f"{self.name}@{self.version}"
 
     @property
     def caveat(self) -> str | None:
@@ -83,6 +91,9 @@ class Finding:
     threshold: float  # the model's operating point for this label
     positive: bool  # probability >= threshold
     regions: tuple[Region, ...] = ()  # only for positive findings
+    # From the configured probability bands (inference.severity); None when no
+    # bands were applied (e.g. results stored before severities existed).
+    severity: str | None = None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,79 @@ def cmd_jobs_retry(args) -> int:
     return 0
 
 
+# --- carina model: the model registry ----------------------------------------------------
+
+
+def _registry(args):
+    from node.models import ModelRegistry
+
+    return ModelRegistry.for_settings(_settings(args))
+
+
+def cmd_model_import(args) -> int:
+    from node.models import RegistryError
+
+    registry = _registry(args)
+    try:
+        entry = registry.import_checkpoint(args.file, name=args.name, version=args.version, sha256=args.sha256)
+        registry.ensure_demo()  # the demo stays an explicit entry (and the fallback ACTIVE if none was set)
+        if args.activate:
+            registry.activate(entry.ref)
+    except RegistryError as exc:
+        print(f"carina: model import refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {entry.ref}: {entry.weights} (source SHA-256 {entry.meta['source_sha256']})")
+    if args.activate:
+        print(f"{entry.ref} is now active; a running node switches to it within inference.model_poll_seconds")
+    else:
+        print(f"activate it with: carina model activate {entry.ref}")
+    return 0
+
+
+def cmd_model_list(args) -> int:
+    registry = _registry(args)
+    active = registry.active_ref()
+    entries = registry.entries()
+    if not entries:
+        print(f"no models in {registry.root} yet (the demo entry is created when the node first starts)")
+        return 0
+    print("active	model	kind	imported	source SHA-256	weights")
+    for e in entries:
+        m = e.meta
+        kind = "problem: " + m["problem"] if "problem" in m else ("DEMO (non-clinical)" if e.demo else "clinical")
+        print("\t".join([
+            "*" if e.ref == active else "",
+            e.ref,
+            kind,
+            m.get("imported_at") or "-",
+            (m.get("source_sha256") or "-")[:16],
+            str(e.weights),
+        ]))
+    if active and active not in {e.ref for e in entries}:
+        print(f"warning: ACTIVE names {active}, which is not in the registry", file=sys.stderr)
+    return 0
+
+
+def cmd_model_activate(args) -> int:
+    from node.models import RegistryError
+
+    registry = _registry(args)
+    try:
+        from inference.model import MODEL_NAME, demo_version
+
+        if args.ref == f"{MODEL_NAME}@{demo_version(0)}":
+            registry.ensure_demo()
+        previous = registry.active_ref()
+        entry = registry.activate(args.ref)
+    except RegistryError as exc:
+        print(f"carina: {exc}", file=sys.stderr)
+        return 2
+    note = " — DEMO WEIGHTS, NOT FOR CLINICAL USE" if entry.demo else ""
+    print(f"active: {entry.ref}{note} (was {previous or 'none'}); "
+          "a running node switches within inference.model_poll_seconds")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: otherwise a subcommand's default None overwrites a --config
@@ -93,6 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     jr = jobs.add_parser("retry", parents=[common], help="re-queue dead-letter jobs (all, or the given ids)")
     jr.add_argument("ids", nargs="*", type=int)
     jr.set_defaults(func=cmd_jobs_retry)
+
+    model = sub.add_parser("model", help="model registry: import, list, activate").add_subparsers(dest="action", required=True)
+    mi = model.add_parser("import", parents=[common],
+                          help="verify a torchxrayvision .pt by SHA-256 and convert it to safetensors (the only unpickling)")
+    mi.add_argument("file", help="the torchxrayvision weights file (.pt)")
+    mi.add_argument("--name", required=True, help="model name, e.g. densenet121-res224-all")
+    mi.add_argument("--version", required=True, help="version label; NAME@VERSION is immutable once imported")
+    mi.add_argument("--sha256", required=True, help="the SHA-256 published for FILE; a mismatch refuses the import")
+    mi.add_argument("--activate", action="store_true", help="also make it the active model")
+    mi.set_defaults(func=cmd_model_import)
+    ml = model.add_parser("list", parents=[common], help="list models; * marks the active one")
+    ml.set_defaults(func=cmd_model_list)
+    ma = model.add_parser("activate", parents=[common], help="switch the active model (no restart needed)")
+    ma.add_argument("ref", metavar="NAME@VERSION")
+    ma.set_defaults(func=cmd_model_activate)
     return parser
 
 

@@ -1,7 +1,6 @@
 """What the running node shares between its parts (API, SCP, pipeline)."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,11 @@ class NodeContext:
     db: Database
     # Filled in as each part comes up; /healthz is 200 only when all are True.
     ready: dict[str, bool] = field(default_factory=lambda: {"db": False, "scp": False, "model": False})
-    engine: Any = None  # inference.engine.InferenceEngine once the model is loaded
-    # torch modules are not safe to call from several threads at once.
-    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    # inference.batcher.BatchingEngine once a model is loaded: thread-safe, callers
+    # share its batches; `predict(images)` and `model_info` as on an InferenceEngine.
+    engine: Any = None
+    # node.models.ModelManager: loads the registry's active model and hot-swaps it.
+    models: Any = None
 
     @property
     def model_info(self):

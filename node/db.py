@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -71,7 +72,7 @@ class Instance(Base):
     series_uid: Mapped[str] = mapped_column(String(64), default="")
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64), default="")
     path: Mapped[str] = mapped_column(Text)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # instances can exceed 2 GiB
     received_at: Mapped[float] = mapped_column(Float, default=now)
     # stored -> scored | ignored | failed
     state: Mapped[str] = mapped_column(String(16), default="stored")
@@ -169,6 +170,77 @@ class FhirResource(Base):
     # date-only value covers the whole day, which FHIR date search needs.
     effective_end: Mapped[float | None] = mapped_column(Float, nullable=True)
     body: Mapped[str] = mapped_column(Text)
+
+
+class FhirSearchIndex(Base):
+    """Search values of one FHIR resource version, one row per value.
+
+    Token and reference parameters fill system/value; date parameters fill
+    low/high, the half-open range [low, high) the value covers at its
+    precision. A resource with many identifiers or codings gets one row per
+    value, so every FHIR search parameter is a plain indexed EXISTS."""
+
+    __tablename__ = "fhir_search_index"
+    __table_args__ = (
+        Index("ix_fhir_search_value", "param", "value"),
+        Index("ix_fhir_search_range", "param", "low"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_row_id: Mapped[int] = mapped_column(ForeignKey("fhir_resources.id"), index=True)
+    param: Mapped[str] = mapped_column(String(40))
+    system: Mapped[str] = mapped_column(String(255), default="")
+    value: Mapped[str] = mapped_column(String(255), default="")
+    low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    high: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class StudyTriage(Base):
+    """A study's AI triage priority. A separate table (not a Study column) so
+    existing databases gain it through create_all without a migration. The
+    priority only ever moves up (node/triage.py)."""
+
+    __tablename__ = "study_triage"
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    priority: Mapped[str] = mapped_column(String(16), default="routine")  # routine | stat
+    reason: Mapped[str] = mapped_column(Text, default="")
+    version: Mapped[int] = mapped_column(Integer, default=0)  # study version that set it
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class InboundOrder(Base):
+    """An order (HL7 v2 ORM^O01) received before its images, keyed by accession."""
+
+    __tablename__ = "inbound_orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(64), unique=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="")
+    order_control: Mapped[str] = mapped_column(String(4), default="")  # ORC-1 (NW, XO, CA ...)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    procedure_code: Mapped[str] = mapped_column(String(64), default="")
+    procedure_text: Mapped[str] = mapped_column(String(255), default="")
+    procedure_system: Mapped[str] = mapped_column(String(32), default="")
+    priority: Mapped[str] = mapped_column(String(8), default="")  # as ordered (TQ1-9 / OBR-27.6)
+    message_control_id: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[float] = mapped_column(Float, default=now)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class InboundPatient(Base):
+    """Demographics from HL7 v2 ADT/ORM PID segments (PHI: never log these)."""
+
+    __tablename__ = "inbound_patients"
+
+    patient_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), default="")  # DICOM PN form Family^Given^Middle^Prefix^Suffix
+    birth_date: Mapped[str] = mapped_column(String(8), default="")  # YYYYMMDD
+    sex: Mapped[str] = mapped_column(String(1), default="")
+    patient_class: Mapped[str] = mapped_column(String(1), default="")  # PV1-2
+    message_control_id: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
 class ApiToken(Base):

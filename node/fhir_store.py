@@ -1,8 +1,10 @@
 """Versioned storage of the FHIR resources Carina serves.
 
 Every version of every resource is a row of `FhirResource`; exactly one row per
-(type, id) is current. Search columns are copied out of the JSON at write time,
-so reads are plain indexed SQLAlchemy on SQLite and PostgreSQL alike.
+(type, id) is current. Search values are copied out of the JSON at write time
+into `FhirSearchIndex` (one row per value: every identifier, coding, reference
+and date range), so every search parameter is a plain indexed EXISTS on SQLite
+and PostgreSQL alike; the sort key (clinical date) stays a column.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from sqlalchemy import ColumnElement, and_, false, func, or_, select
+from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select
 from sqlalchemy.orm import Session
 
-from node.db import FhirResource, now
+from node.db import FhirResource, FhirSearchIndex, now
 
-# Search prefixes FHIR defines for dates, as used by `date_clause`.
+# Search prefixes FHIR defines for dates (see `_range_comparison`).
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
 
 
@@ -44,7 +46,7 @@ def save_resources(session: Session, resources: list[dict], study_id: int | None
             session.flush()  # one current row at any time, even mid-transaction
         stamp = now()
         body = with_meta(resource, version_id, stamp)
-        session.add(FhirResource(
+        row = FhirResource(
             resource_type=rtype,
             resource_id=rid,
             version_id=version_id,
@@ -53,8 +55,71 @@ def save_resources(session: Session, resources: list[dict], study_id: int | None
             study_id=study_id,
             body=json.dumps(body, ensure_ascii=False, separators=(",", ":")),
             **search_columns(body),
-        ))
+        )
+        session.add(row)
+        session.flush()  # the row id keys its index entries
+        _write_index(session, row, body)
     session.flush()
+
+
+def _write_index(session: Session, row: FhirResource, body: dict) -> None:
+    for entry in index_entries(body):
+        session.add(FhirSearchIndex(resource_row_id=row.id, **entry))
+
+
+def reindex_missing(session: Session) -> int:
+    """Index current resources written before the search index existed; returns how many."""
+    has_index = exists().where(FhirSearchIndex.resource_row_id == FhirResource.id)
+    rows = session.scalars(select(FhirResource).where(FhirResource.is_current, not_(has_index))).all()
+    for row in rows:
+        _write_index(session, row, json.loads(row.body))
+    session.flush()
+    return len(rows)
+
+
+def index_entries(resource: dict) -> list[dict]:
+    """The search index rows of one resource: what each search parameter matches.
+
+    Reference values are stored as `Type/id` (relative, as Carina writes
+    them); token values keep their system. Dates are [low, high) ranges."""
+    entries: list[dict] = []
+
+    def token(param: str, system: str | None, value: str | None) -> None:
+        if value:
+            entries.append({"param": param, "system": (system or "")[:255], "value": str(value)[:255]})
+
+    def coded(param: str, concept: dict | None) -> None:
+        for coding in (concept or {}).get("coding", []):
+            token(param, coding.get("system"), coding.get("code"))
+
+    def when(param: str, text: str | None) -> None:
+        if text:
+            low, high = time_range(text)
+            entries.append({"param": param, "system": "", "value": "", "low": low, "high": high})
+
+    for identifier in resource.get("identifier") or []:
+        token("identifier", identifier.get("system"), identifier.get("value"))
+    rtype = resource.get("resourceType")
+    if rtype in ("DiagnosticReport", "Observation"):
+        subject = resource.get("subject") or {}
+        token("subject", "", subject.get("reference"))
+        ident = subject.get("identifier") or {}
+        token("subject:identifier", ident.get("system"), ident.get("value"))
+        token("status", "", resource.get("status"))
+        for category in resource.get("category") or []:
+            coded("category", category)
+        coded("code", resource.get("code"))
+        when("date", resource.get("effectiveDateTime"))
+        when("issued", resource.get("issued"))
+    if rtype == "DiagnosticReport":
+        for based_on in resource.get("basedOn") or []:
+            ident = based_on.get("identifier") or {}
+            token("based-on:identifier", ident.get("system"), ident.get("value"))
+            token("based-on", "", based_on.get("reference"))
+    if rtype == "Provenance":
+        for target in resource.get("target") or []:
+            token("target", "", target.get("reference"))
+    return entries
 
 
 def with_meta(resource: dict, version_id: int, last_updated: float) -> dict:
@@ -148,34 +213,31 @@ class Token:
         return cls(system, value)
 
 
-def token_clause(system_col, value_col, tokens: list[Token]) -> ColumnElement[bool]:
-    """OR over `tokens` (FHIR: comma-separated values of one parameter)."""
+def _indexed(param: str, *conditions) -> ColumnElement[bool]:
+    return exists().where(
+        FhirSearchIndex.resource_row_id == FhirResource.id, FhirSearchIndex.param == param, *conditions
+    )
+
+
+def indexed_token_clause(param: str, tokens: list[Token]) -> ColumnElement[bool]:
+    """OR over `tokens` against the index rows of `param` (system-aware)."""
     options = []
     for token in tokens:
-        clause = value_col == token.value
+        clause = FhirSearchIndex.value == token.value
         if token.system is not None:
-            clause = and_(clause, system_col == token.system)
+            clause = and_(clause, FhirSearchIndex.system == token.system)
         options.append(clause)
-    return or_(*options) if options else false()
+    return _indexed(param, or_(*options)) if options else false()
 
 
-def patient_clause(tokens: list[Token]) -> ColumnElement[bool]:
-    return token_clause(FhirResource.patient_system, FhirResource.patient_value, tokens)
+def indexed_value_clause(param: str, values: list[str]) -> ColumnElement[bool]:
+    """OR over exact values (references `Type/id`, status codes) of `param`."""
+    return _indexed(param, FhirSearchIndex.value.in_(values)) if values else false()
 
 
-def identifier_clause(tokens: list[Token]) -> ColumnElement[bool]:
-    return token_clause(FhirResource.identifier_system, FhirResource.identifier_value, tokens)
-
-
-def status_clause(statuses: list[str]) -> ColumnElement[bool]:
-    return FhirResource.status.in_(statuses)
-
-
-def date_clause(prefix: str, start: float, end: float) -> ColumnElement[bool]:
-    """FHIR date comparison of the stored range [effective_at, effective_end)
-    against the parameter's range [start, end), both at their own precision."""
-    lo, hi = FhirResource.effective_at, FhirResource.effective_end
-    clause = {
+def _range_comparison(lo, hi, prefix: str, start: float, end: float) -> ColumnElement[bool]:
+    """FHIR date comparison of a stored range [lo, hi) with the parameter's [start, end)."""
+    return {
         "eq": and_(lo >= start, hi <= end),
         "ne": or_(lo < start, hi > end),
         "gt": hi > end,
@@ -185,7 +247,44 @@ def date_clause(prefix: str, start: float, end: float) -> ColumnElement[bool]:
         "sa": lo >= end,
         "eb": hi <= start,
     }[prefix]
-    return and_(lo.is_not(None), clause)
+
+
+def indexed_date_clause(param: str, prefix: str, start: float, end: float) -> ColumnElement[bool]:
+    lo, hi = FhirSearchIndex.low, FhirSearchIndex.high
+    return _indexed(param, lo.is_not(None), _range_comparison(lo, hi, prefix, start, end))
+
+
+# meta.lastUpdated is stored in milliseconds: it covers one millisecond.
+_MILLI = 0.001
+
+
+def last_updated_clause(prefix: str, start: float, end: float) -> ColumnElement[bool]:
+    lo = FhirResource.last_updated
+    return _range_comparison(lo, lo + _MILLI, prefix, start, end)
+
+
+def history(session: Session, resource_type: str, resource_id: str) -> list[FhirResource]:
+    """Every version of one resource, newest first (FHIR _history order)."""
+    return list(session.scalars(
+        select(FhirResource)
+        .where(FhirResource.resource_type == resource_type, FhirResource.resource_id == resource_id)
+        .order_by(FhirResource.version_id.desc())
+    ).all())
+
+
+def current_referencing(session: Session, resource_type: str, param: str, references: list[str]) -> list[FhirResource]:
+    """Current resources of `resource_type` whose `param` references any of `references` (_revinclude)."""
+    if not references:
+        return []
+    return list(session.scalars(
+        select(FhirResource)
+        .where(
+            FhirResource.resource_type == resource_type,
+            FhirResource.is_current,
+            indexed_value_clause(param, references),
+        )
+        .order_by(FhirResource.resource_id)
+    ).all())
 
 
 def search(

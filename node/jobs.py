@@ -99,11 +99,33 @@ def _owned(job: Job):
     return and_(Job.id == job.id, Job.lease_owner == job.lease_owner, Job.state == "running")
 
 
+class LeaseLost(Exception):
+    """This worker's lease expired and the job was claimed again; its work must not commit."""
+
+
+def settle_in(session: Session, job: Job) -> None:
+    """Mark the job done inside the caller's transaction, the one that commits
+    the stage's results: the results and "done" commit together or not at all,
+    so a crash between them cannot make the stage run (and write) twice.
+    Raises LeaseLost (rolling the caller's transaction back) when the lease
+    is no longer ours."""
+    settled = session.execute(
+        update(Job).where(_owned(job)).values(state="done", finished_at=now(), lease_until=0.0, last_error="")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if settled != 1:
+        raise LeaseLost(f"job {job.id} ({job.stage}) was taken over; its results are discarded")
+
+
 def succeed(db: Database, job: Job) -> bool:
+    """Mark the job done; also True when the stage already did (`settle_in`)."""
     with db.session() as s:
-        return s.execute(
+        if s.execute(
             update(Job).where(_owned(job)).values(state="done", finished_at=now(), lease_until=0.0, last_error="")
-        ).rowcount == 1
+        ).rowcount == 1:
+            return True
+        row = s.get(Job, job.id)
+        return row is not None and row.state == "done" and row.lease_owner == job.lease_owner
 
 
 def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: int, backoff: Backoff) -> str:

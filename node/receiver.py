@@ -56,13 +56,17 @@ def _record(db: Database, received: ReceivedInstance) -> None:
             s.add(instance)
         chest = received.sop_class_uid in CHEST_CAPABLE_SOP_CLASSES
         instance.sop_class_uid = received.sop_class_uid
-        instance.series_uid = received.series_uid
+        instance.series_uid = received.series_uid[:64]  # informational; a malformed UID must not fail the commit
         instance.transfer_syntax_uid = received.transfer_syntax_uid
         instance.path = str(received.path)
         instance.size_bytes = received.size_bytes
         instance.received_at = t
-        instance.state = "stored" if chest else "ignored"
-        instance.reason = "" if chest else NOT_CHEST
+        if is_new or study.state == "received":
+            instance.state = "stored" if chest else "ignored"
+            instance.reason = "" if chest else NOT_CHEST
+        # else: a re-send of an instance whose study was already processed
+        # (a modality retrying an unanswered C-STORE). It does not reopen the
+        # study, so it keeps the outcome the pipeline recorded for it.
 
         study.last_received_at = t
         if study.state != "received" and is_new:

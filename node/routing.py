@@ -44,15 +44,18 @@ def exclusion(ds: Dataset, rules: RoutingSettings) -> str | None:
         return "ignored: not a chest radiograph"
     body_part, modality, view = _text(ds, "BodyPartExamined"), _text(ds, "Modality"), _text(ds, "ViewPosition")
     if sop_class == SECONDARY_CAPTURE:
+        # An SC's body part is judged by sc_body_parts alone (its Modality is
+        # usually OT), so that list can name parts body_parts does not.
         if body_part not in rules.sc_body_parts:
             return f"ignored: rule sc_body_parts (Secondary Capture with BodyPartExamined {body_part or 'missing'})"
-    elif modality not in rules.modalities:
-        return f"ignored: rule modalities (Modality {modality or 'missing'} not in {rules.modalities})"
-    if body_part:
-        if body_part not in rules.body_parts:
-            return f"ignored: rule body_parts (BodyPartExamined {body_part} not in {rules.body_parts})"
-    elif not rules.missing_body_part_eligible:
-        return "ignored: rule missing_body_part_eligible (BodyPartExamined missing)"
+    else:
+        if modality not in rules.modalities:
+            return f"ignored: rule modalities (Modality {modality or 'missing'} not in {rules.modalities})"
+        if body_part:
+            if body_part not in rules.body_parts:
+                return f"ignored: rule body_parts (BodyPartExamined {body_part} not in {rules.body_parts})"
+        elif not rules.missing_body_part_eligible:
+            return "ignored: rule missing_body_part_eligible (BodyPartExamined missing)"
     if view in LATERAL_VIEWS:
         if not rules.score_laterals:
             return f"ignored: rule score_laterals (ViewPosition {view})"

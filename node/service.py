@@ -17,6 +17,7 @@ from node.completion import complete_quiet_studies
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Database
+from node.fhir_store import reindex_missing
 from node.receiver import record_instance, record_release
 from node.worker import WorkerPool
 
@@ -42,17 +43,26 @@ def prepare_storage(ctx: NodeContext) -> None:
 
 
 def load_engine(ctx: NodeContext) -> None:
-    from inference import InferenceEngine, load_model
+    """The model (registry's active one, or `inference.weights` if pinned) behind a batching
+    worker, with hot-swap polling. On failure the node stays up, unready, and keeps polling
+    so that activating a loadable model recovers it."""
+    from node.models import ModelManager
 
-    try:
-        inf = ctx.settings.inference
-        loaded = load_model(inf.weights, device=inf.device, cpu_threads=inf.cpu_threads)
-        ctx.engine = InferenceEngine(loaded, region_threshold=inf.region_threshold)
-        info = ctx.engine.model_info
+    manager = ctx.models = ModelManager(ctx.settings)
+
+    def ready(batcher) -> None:
+        ctx.engine = batcher
+        info = batcher.model_info
         log.info("model ready: %s %s%s", info.name, info.version, f" — {info.caveat}" if info.demo else "")
         ctx.ready["model"] = True
+
+    manager.on_ready = ready
+    try:
+        manager.start()
     except Exception:
-        log.exception("model failed to load; the node stays up but will not score studies")
+        log.exception("model failed to load; the node stays up but will not score studies until a loadable "
+                      "model is activated (carina model list / activate)")
+        manager.start_watching_only()
 
 
 class Node:
@@ -63,12 +73,20 @@ class Node:
         self.scp: StorageSCP | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.workers: WorkerPool | None = None
+        self.hl7_listener = None  # node.mllp_listener.MllpListener when hl7_listener.enabled
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         ctx, s = self.ctx, self.ctx.settings
         prepare_storage(ctx)
         ctx.db.create_schema()
+        with ctx.db.session() as session:  # FHIR resources stored before the search index existed
+            reindex_missing(session)
         ctx.ready["db"] = True
+        if s.hl7_listener.enabled:
+            from node.mllp_listener import MllpListener
+
+            self.hl7_listener = MllpListener(ctx.db, s.hl7_listener).start()
         self.scp = StorageSCP(
             ae_title=s.dicom.ae_title,
             host=s.dicom.host,
@@ -98,16 +116,24 @@ class Node:
 
     def _model_then_workers(self) -> None:
         load_engine(self.ctx)
-        if self.ctx.engine is not None:
+        # Workers start once a model is there (now, or after a later activation).
+        while self.ctx.engine is None and not self._stopping.wait(0.5):
+            pass
+        if self.ctx.engine is not None and not self._stopping.is_set():
             self.workers.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self.hl7_listener:
+            self.hl7_listener.stop()
         if self.scp:
             self.scp.stop()
         if self.scheduler:
             self.scheduler.shutdown(wait=False)
         if self.workers:
             self.workers.stop()
+        if self.ctx.models:
+            self.ctx.models.stop()  # after the workers: they may be waiting on a batch
         self.ctx.db.dispose()
 
 

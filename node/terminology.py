@@ -53,6 +53,10 @@ class Terminology:
     report: dict[str, Coding]
     sr: dict[str, Coding]
     fhir: dict[str, Coding] = field(default_factory=dict)  # FHIR-only codes (Device.type, ...)
+    # verdict ("positive" | "negative" | "critical") -> {"fhir": Coding, "v2": Coding}
+    interpretation: dict[str, dict[str, Coding]] = field(default_factory=dict)
+    # priority ("routine" | "stat") -> {"fhir": ..., "v2_tq1": ..., "v2_obr27": ...}
+    priority: dict[str, dict[str, Coding]] = field(default_factory=dict)
 
     def finding(self, label: str) -> FindingCodes:
         return self.findings[label]
@@ -66,17 +70,28 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
     v2_systems = {k: v for k, v in raw.get("v2_systems", {}).items() if not k.startswith("_")}
 
     def coding(entry: dict, default_scheme: str | None = None) -> Coding:
-        scheme = entry.get("scheme") or scheme_of.get(entry.get("system", ""), default_scheme)
-        if scheme is None:
+        # A code needs a FHIR system URI or a scheme (DICOM designator or an
+        # HL7 v2 table "HL7nnnn"); FHIR-only systems have no DICOM scheme.
+        scheme = entry.get("scheme") or scheme_of.get(entry.get("system", ""), default_scheme) or ""
+        system = entry.get("system") or systems.get(scheme, "")
+        if not scheme and not system:
             raise ValueError(f"terminology entry without scheme/system: {entry}")
         return Coding(
-            system=entry.get("system") or systems[scheme],
+            system=system,
             code=entry["code"],
             display=entry.get("display") or entry["meaning"],
             scheme=scheme,
             meaning=entry.get("meaning"),
-            v2_system=v2_systems.get(scheme),
+            # HL7-defined tables are named HL7nnnn in Table 0396 too.
+            v2_system=v2_systems.get(scheme) or (scheme if scheme.startswith("HL7") else None),
         )
+
+    def group(section: dict) -> dict[str, dict[str, Coding]]:
+        return {
+            name: {kind: coding(entry) for kind, entry in kinds.items()}
+            for name, kinds in section.items()
+            if not name.startswith("_")
+        }
 
     findings = {}
     for label, item in raw["findings"].items():
@@ -93,6 +108,8 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
         report={k: coding(v) for k, v in raw["report"].items()},
         sr={k: coding(v) for k, v in raw["sr"].items()},
         fhir={k: coding(v) for k, v in raw.get("fhir", {}).items()},
+        interpretation=group(raw.get("interpretation", {})),
+        priority=group(raw.get("priority", {})),
     )
 
 

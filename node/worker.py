@@ -13,7 +13,7 @@ import uuid
 
 from node.context import NodeContext
 from node.db import Study
-from node.jobs import Backoff, PermanentError, RetryableError, claim, fail, succeed
+from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, succeed
 from node.pipeline import deliver, encode, infer
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ def run_one(ctx: NodeContext, owner: str) -> bool:
     backoff = Backoff(p.backoff_base_seconds, p.backoff_max_seconds)
     try:
         STAGE_RUNNERS[job.stage](ctx, job)
+    except LeaseLost as exc:
+        log.warning("%s; outcome left to the new owner", exc)
     except PermanentError as exc:
         _settle_failure(ctx, job, str(exc), retryable=False, backoff=backoff)
     except RetryableError as exc:

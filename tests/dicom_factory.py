@@ -201,3 +201,82 @@ def with_voi_lut(
     item.LUTExplanation = "test VOI LUT"
     ds.VOILUTSequence = [item]
     return ds
+
+
+# --- small distinct radiographs for the durability and routing tests -------------
+
+
+def small_chest_pixels(n: int = 0, size: int = 256, *, crop_fraction: float | None = None, offset: tuple[float, float] | None = None) -> np.ndarray:
+    """A distinct `size`x`size` uint8 chest image: crop `n` of an NIH sample, resized.
+
+    Small images keep node-level tests fast; `n` varies the source, the crop
+    and its position deterministically so no two studies share pixels."""
+    src = png_pixels(NIH_PNGS[n % len(NIH_PNGS)])
+    h, w = src.shape
+    frac = crop_fraction if crop_fraction is not None else 0.75 + 0.25 * ((n * 7919) % 101) / 100
+    crop = max(16, int(frac * min(h, w)))
+    fy, fx = offset if offset is not None else (((n * 104729) % 97) / 96, ((n * 1299709) % 89) / 88)
+    y, x = int(fy * (h - crop)), int(fx * (w - crop))
+    return np.asarray(Image.fromarray(src[y:y + crop, x:x + crop]).resize((size, size), Image.BILINEAR))
+
+
+# --- raw Part 10 files for hostile-input tests ------------------------------------
+
+
+def file_meta_bytes(sop_class: str, sop_uid: str, syntax: str) -> bytes:
+    """Preamble, 'DICM' and a valid File Meta group: what a sender needs to name the
+    SOP class, instance and transfer syntax of whatever bytes follow."""
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.filebase import DicomBytesIO
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1249.99"
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    out = io.BytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    out.write(buf.getvalue())
+    return out.getvalue()
+
+
+def dataset_bytes(ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """The encoded dataset body (no preamble or meta) in `syntax`'s VR/endianness."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import UID
+
+    uid = UID(syntax)
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = uid.is_little_endian, uid.is_implicit_VR
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+def write_raw(path: Path, sop_class: str, sop_uid: str, syntax: str, body: bytes) -> Path:
+    """A Part 10 file whose dataset is exactly `body`, valid or not."""
+    path.write_bytes(file_meta_bytes(sop_class, sop_uid, syntax) + body)
+    return path
+
+
+def write_huge_dx(path: Path, rows: int, cols: int, **make_dx_kwargs) -> Path:
+    """A 16-bit DX whose Pixel Data really is rows*cols*2 bytes, written sparsely
+    (no RAM, no time): a '1 GB instance' for the size-limit tests."""
+    import struct
+
+    ds = make_dx(np.zeros((2, 2), np.uint8), **make_dx_kwargs)
+    del ds.PixelData
+    ds.Rows, ds.Columns = rows, cols
+    length = rows * cols * 2
+    assert length % 2 == 0 and length < 2**32 - 1
+    head = file_meta_bytes(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian) + dataset_bytes(ds)
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length)
+    with open(path, "wb") as fh:
+        fh.write(head + pixel_header)
+        fh.truncate(len(head) + len(pixel_header) + length)
+    return path

@@ -223,3 +223,133 @@ def store_responses(proc: subprocess.CompletedProcess) -> list[str]:
     import re
 
     return re.findall(r"Received Store Response \(([^)]*)\)", proc.stdout + proc.stderr)
+
+
+# --- helpers for the durability, routing and hostile-input tests ----------------
+
+
+def echoscu(port: int, called_ae: str = "CARINA", calling_ae: str = "PROBE", timeout: float = 30) -> bool:
+    """True when a DICOM C-ECHO on `port` gets success (dcmtk echoscu)."""
+    tool = require_tool("echoscu")
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.run([tool, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    return proc.returncode == 0
+
+
+def dcmsend(port: int, *files: Path, called_ae: str = "CARINA", calling_ae: str = "MODALITY",
+            extra: tuple[str, ...] = (), timeout: float = 600) -> subprocess.CompletedProcess:
+    """Push files in their own transfer syntax, as a modality does (dcmtk dcmsend)."""
+    tool = require_tool("dcmsend")
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(
+        [tool, "-v", *extra, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+def process_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak) of a process, in kB, from /proc."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def orthanc_study_series(pacs: "Orthanc", study_uid: str) -> list[dict]:
+    """Series Orthanc holds for a StudyInstanceUID: MainDicomTags plus the instance ids."""
+    found = http_json(f"{pacs.url}/tools/lookup", method="POST", data=study_uid.encode())
+    studies = [item["ID"] for item in found if item["Type"] == "Study"]
+    if not studies:
+        return []
+    assert len(studies) == 1, f"Orthanc holds {len(studies)} studies for {study_uid}"
+    return http_json(f"{pacs.url}/studies/{studies[0]}/series?expand")
+
+
+def carina_outputs_in_orthanc(pacs: "Orthanc", study_uid: str) -> dict[str, int]:
+    """How many SR (series 9901) and SC (series 9902) instances Orthanc holds for a study."""
+    counts = {"sr": 0, "sc": 0, "other": 0, "series": 0}
+    for series in orthanc_study_series(pacs, study_uid):
+        tags = series["MainDicomTags"]
+        kind = {"SR": "sr"}.get(tags.get("Modality", ""), "sc" if str(tags.get("SeriesNumber")) == "9902" else "other")
+        counts[kind] += len(series["Instances"])
+        counts["series"] += 1
+    return counts
+
+
+def carina_db_rows(node: "CarinaNode", sql: str, params: tuple = ()) -> list[tuple]:
+    """Read-only query of a CarinaNode's SQLite database (safe while it runs: WAL)."""
+    import sqlite3
+
+    db = node.workdir / "var" / "carina.db"
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def study_state(node: "CarinaNode", study_uid: str, calling_ae: str | None = None) -> dict | None:
+    """The node's /api/v1/studies/{uid} view, or None when the node does not know the study."""
+    suffix = f"?calling_ae={calling_ae}" if calling_ae else ""
+    try:
+        return node.api(f"/api/v1/studies/{study_uid}{suffix}")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def positives(view: dict) -> int:
+    """Positive findings over the scored images of a study view: one heatmap SC each."""
+    return sum(1 for img in view["images"] for f in img["findings"] if f["positive"])
+
+
+def send_raw(port: int, items: list[tuple[Path, str, str]], *, called_ae: str = "CARINA",
+             calling_ae: str = "HOSTILE", timeout: float = 60) -> list[object]:
+    """C-STORE files byte for byte over one pynetdicom association.
+
+    `items` are (path, sop_class, transfer_syntax). The dataset after the file
+    meta is streamed as it is on disk (STORE_SEND_CHUNKED_DATASET), so garbage
+    goes out as garbage, which dcmtk refuses to send. Returns one entry per
+    item: the response status (int), 'no-context' when the SCP did not accept
+    that SOP class + syntax, or 'no-response' when the association died."""
+    from pynetdicom import AE, _config
+
+    from dicom_scp.sockets import NODELAY_HANDLER
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.maximum_pdu_size = 0
+    contexts = sorted({(sop_class, syntax) for _, sop_class, syntax in items})
+    assert len(contexts) <= 127, "one association proposes at most 128 contexts"
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, [syntax])
+    # Verification too, so a refused storage context is a per-context answer
+    # rather than an association without any accepted context.
+    ae.add_requested_context("1.2.840.10008.1.1")
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    results: list[object] = []
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER])
+        assert assoc.is_established, f"association with {called_ae} on {port} not established"
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        try:
+            for path, sop_class, syntax in items:
+                if (sop_class, syntax) not in accepted:
+                    results.append("no-context")
+                    continue
+                if not assoc.is_established:
+                    results.append("no-response")
+                    continue
+                rsp = assoc.send_c_store(path)
+                results.append(int(rsp.Status) if rsp and "Status" in rsp else "no-response")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return results

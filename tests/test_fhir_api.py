@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import datetime as dt
 import threading
 import time
@@ -21,12 +22,13 @@ from fhirpy.base.searchset import Raw
 from dicom_factory import make_dx
 from inference.types import CHESTXRAY14, Finding, ModelInfo
 from node.api.auth import create_token
+from node.api import fhir_routes
 from node.api.fhir_routes import router
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Database
 from node.fhir_store import save_resources
-from node.outputs.fhir_report import build_report_resources
+from node.outputs.fhir_report import build_report_resources, patient_id
 from node.outputs.study_facts import StudyFacts
 from peers import free_port
 
@@ -110,8 +112,11 @@ def test_capability_statement_is_public_and_valid(node):
     assert statement["fhirVersion"] == "4.0.1"
     assert statement["implementation"]["url"] == node["base"]
     report = next(r for r in statement["rest"][0]["resource"] if r["type"] == "DiagnosticReport")
-    assert {p["name"] for p in report["searchParam"]} == {"patient", "subject", "identifier", "date", "status"}
-    assert report["searchInclude"] == ["DiagnosticReport:result"]
+    assert {p["name"] for p in report["searchParam"]} == {
+        "patient", "subject", "identifier", "based-on", "category", "code", "date", "issued", "status", "_lastUpdated",
+    }
+    assert report["searchInclude"] == ["DiagnosticReport:result", "DiagnosticReport:subject"]
+    assert report["searchRevInclude"] == ["Provenance:target"]
 
 
 def test_search_by_patient_identifier(node):
@@ -218,20 +223,31 @@ def test_authentication_is_required(node):
 
 
 def test_unknown_parameter_is_rejected_unless_lenient(node):
-    with pytest.raises(OperationOutcome):
-        node["client"].resources("DiagnosticReport").search(code="36554-4").fetch()
+    with pytest.raises(OperationOutcome) as err:
+        node["client"].resources("DiagnosticReport").search(performer="Practitioner/1").fetch()
+    assert "performer" in str(err.value)
     auth = {"Authorization": f"Bearer {node['token']}"}
-    rsp = httpx.get(f"{node['base']}/DiagnosticReport", params={"code": "36554-4"}, headers=auth)
+    rsp = httpx.get(f"{node['base']}/DiagnosticReport", params={"performer": "Practitioner/1"}, headers=auth)
     assert rsp.status_code == 400 and rsp.json()["resourceType"] == "OperationOutcome"
     OutcomeModel.model_validate(rsp.json())
-    for bad in ({"date": "yesterday"}, {"_count": "-1"}, {"_include": "DiagnosticReport:subject"}):
-        assert httpx.get(f"{node['base']}/DiagnosticReport", params=bad, headers=auth).status_code == 400
+    for bad in ({"date": "yesterday"}, {"_count": "-1"}, {"_include": "DiagnosticReport:performer"},
+                {"_revinclude": "AuditEvent:entity"}, {"_summary": "true"}, {"_sort": "date"},
+                {"code:text": "chest"}, {"based-on": "ServiceRequest/1"}, {"_elements": "nonsense"}):
+        rsp = httpx.get(f"{node['base']}/DiagnosticReport", params=bad, headers=auth)
+        assert rsp.status_code == 400, bad
+        assert rsp.json()["resourceType"] == "OperationOutcome"
+    # Prefer: handling=lenient ignores unknown parameters (and leaves them out of the self link) ...
     lenient = httpx.get(
-        f"{node['base']}/DiagnosticReport", params={"code": "36554-4", "status": "final"},
+        f"{node['base']}/DiagnosticReport",
+        params={"performer": "Practitioner/1", "_include": "DiagnosticReport:performer", "status": "final"},
         headers={**auth, "Prefer": "handling=lenient"},
     )
     assert lenient.status_code == 200 and lenient.json()["total"] == 1
-    assert "code=" not in lenient.json()["link"][0]["url"]
+    assert "performer" not in lenient.json()["link"][0]["url"] and "status=final" in lenient.json()["link"][0]["url"]
+    # ... but a known parameter with an invalid value is still an error.
+    still_bad = httpx.get(f"{node['base']}/DiagnosticReport", params={"date": "yesterday"},
+                          headers={**auth, "Prefer": "handling=lenient"})
+    assert still_bad.status_code == 400
 
 
 def test_read_with_etag_and_errors(node):
@@ -249,13 +265,13 @@ def test_read_with_etag_and_errors(node):
         assert fetched.meta.versionId == "1"
     with pytest.raises(ResourceNotFound):
         node["client"].reference("DiagnosticReport", "no-such-report").to_resource()
-    missing_type = httpx.get(f"{node['base']}/Patient/PAT-A", headers=auth)
+    missing_type = httpx.get(f"{node['base']}/Encounter/1", headers=auth)
     assert missing_type.status_code == 404 and missing_type.json()["resourceType"] == "OperationOutcome"
     assert httpx.get(f"{node['base']}/Observation", headers=auth).status_code == 405
     # The API is read-only, and every answer under /fhir is FHIR.
     write = httpx.post(f"{node['base']}/DiagnosticReport", json={"resourceType": "DiagnosticReport"}, headers=auth)
     assert write.status_code == 405 and write.json()["resourceType"] == "OperationOutcome"
-    nested = httpx.get(f"{node['base']}/DiagnosticReport/{report['id']}/_history", headers=auth)
+    nested = httpx.get(f"{node['base']}/DiagnosticReport/{report['id']}/_history/1/extra", headers=auth)
     assert nested.status_code == 404 and nested.json()["resourceType"] == "OperationOutcome"
 
 
@@ -282,3 +298,168 @@ def test_changed_content_bumps_version_and_keeps_history(node):
     a_reports = client.resources("DiagnosticReport").search(Raw(**{"patient:identifier": f"{SYSTEM}|PAT-A"})).fetch_all()
     assert len(a_reports) == 2
     assert {r.status for r in a_reports} == {"amended", "final"}
+
+
+# --- every documented search, through fhirpy, against the served CapabilityStatement ----------
+
+def _report_id(node, key):
+    return _report(node["built"][key]["resources"])["id"]
+
+
+def _search_examples(node):
+    """For each documented DiagnosticReport search parameter: (query, expected report keys) pairs.
+
+    A parameter in the CapabilityStatement without examples here fails the test, so
+    nothing can be advertised without being exercised."""
+    pat_a = patient_id(SYSTEM, "PAT-A")
+    a2 = _report(node["built"]["a2"]["resources"])
+    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    return {
+        "patient": [
+            ({"patient": f"Patient/{pat_a}"}, {"a1", "a2"}),
+            ({"patient": pat_a}, {"a1", "a2"}),
+            ({"patient:identifier": f"{SYSTEM}|PAT-B"}, {"b1"}),
+            ({"patient": "Patient/nobody"}, set()),
+        ],
+        "subject": [
+            ({"subject": f"Patient/{pat_a}"}, {"a1", "a2"}),
+            ({"subject:identifier": "PAT-B"}, {"b1"}),
+        ],
+        "identifier": [
+            ({"identifier": f"{a2['identifier'][0]['system']}|{a2['identifier'][0]['value']}"}, {"a2"}),
+            ({"identifier": f"urn:ietf:rfc:3986|urn:uuid:{a2['id']}"}, {"a2"}),
+        ],
+        "based-on": [
+            ({"based-on:identifier": "ACC-A1"}, {"a1"}),
+            ({"based-on:identifier": "ACC-A1,ACC-B1"}, {"a1", "b1"}),
+            ({"based-on:identifier": "NO-SUCH-ACC"}, set()),
+        ],
+        "category": [
+            ({"category": "http://loinc.org|LP29684-5"}, {"a1", "a2", "b1"}),
+            ({"category": "http://terminology.hl7.org/CodeSystem/v2-0074|RAD"}, {"a1", "a2", "b1"}),
+            ({"category": "http://loinc.org|LP00000-0"}, set()),
+        ],
+        "code": [
+            ({"code": "http://loinc.org|36554-4"}, {"a1", "a2", "b1"}),
+            ({"code": "18748-4"}, {"a1", "a2", "b1"}),
+            ({"code": "http://loinc.org|36643-5"}, set()),
+        ],
+        "date": [
+            ({"date": "2026-11-20"}, {"a1"}),
+            ({"date": "ge2026-11-21"}, {"a2"}),
+            ({"date": ["ge2026-10-01", "lt2026-11-20"]}, {"b1"}),
+        ],
+        "issued": [
+            ({"issued": "2026-11-22"}, {"a1", "a2", "b1"}),
+            ({"issued": "gt2026-11-22T08:00:00Z"}, set()),
+            ({"issued": "le2026-11-22T08:00:00Z"}, {"a1", "a2", "b1"}),
+        ],
+        "status": [
+            ({"status": "final"}, {"a2"}),
+        ],
+        "_lastUpdated": [
+            ({"_lastUpdated": f"gt{before.isoformat(timespec='seconds')}"}, {"a1", "a2", "b1"}),
+            ({"_lastUpdated": f"lt{before.isoformat(timespec='seconds')}"}, set()),
+        ],
+    }
+
+
+def test_every_documented_search_parameter_works(node):
+    client = node["client"]
+    statement = client.execute("metadata", method="get")
+    report = next(r for r in statement["rest"][0]["resource"] if r["type"] == "DiagnosticReport")
+    examples = _search_examples(node)
+    documented = [p["name"] for p in report["searchParam"]]
+    assert set(documented) == set(examples), "every documented parameter needs examples here, and no more"
+    ids = {key: _report_id(node, key) for key in node["built"]}
+    for name in documented:
+        for query, expected in examples[name]:
+            found = client.resources("DiagnosticReport").search(Raw(**query)).fetch_all()
+            assert _ids(found) == {ids[k] for k in expected}, (name, query)
+
+
+def test_include_subject_and_revinclude_provenance(node):
+    bundle = (
+        node["client"].resources("DiagnosticReport")
+        .search(Raw(**{"based-on:identifier": "ACC-B1"}))
+        .include("DiagnosticReport", "subject")
+        .revinclude("Provenance", "target")
+        .fetch_raw()
+    )
+    by_type = {}
+    for entry in bundle.entry:
+        by_type.setdefault(entry.resource.resourceType, []).append(entry)
+    assert [e.search.mode for e in by_type["DiagnosticReport"]] == ["match"]
+    patient = by_type["Patient"][0]
+    assert patient.search.mode == "include" and patient.resource.identifier[0].value == "PAT-B"
+    assert by_type["DiagnosticReport"][0].resource.subject.reference == f"Patient/{patient.resource.id}"
+    provenance = by_type["Provenance"][0]
+    assert provenance.search.mode == "include"
+    assert provenance.resource.target[0].reference == f"DiagnosticReport/{_report_id(node, 'b1')}"
+    assert provenance.resource.agent[0].who.reference.startswith("Device/")
+    # Patient and Provenance are readable on their own too.
+    assert node["client"].reference("Patient", patient.resource.id).to_resource().identifier[0].value == "PAT-B"
+    assert node["client"].reference("Provenance", provenance.resource.id).to_resource().id == provenance.resource.id
+
+
+def test_summary_count_and_elements(node):
+    auth = {"Authorization": f"Bearer {node['token']}"}
+    counted = httpx.get(f"{node['base']}/DiagnosticReport", params={"_summary": "count", "subject:identifier": "PAT-A"},
+                        headers=auth).json()
+    Bundle.model_validate(counted)
+    assert counted["total"] == 2 and "entry" not in counted
+    only_total = node["client"].resources("DiagnosticReport").search(Raw(_summary="count")).fetch_raw()
+    assert only_total.total == 3 and "entry" not in only_total
+    subset = httpx.get(f"{node['base']}/DiagnosticReport",
+                       params={"_elements": "identifier,effective", "_include": "DiagnosticReport:result",
+                               "based-on:identifier": "ACC-A1"}, headers=auth).json()
+    Bundle.model_validate(subset)
+    match = next(e["resource"] for e in subset["entry"] if e["search"]["mode"] == "match")
+    assert set(match) == {"resourceType", "id", "meta", "status", "code", "identifier", "effectiveDateTime"}
+    assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
+            "display": "subsetted"} in match["meta"]["tag"]
+    included = [e["resource"] for e in subset["entry"] if e["search"]["mode"] == "include"]
+    assert len(included) == 14 and all("valueQuantity" in o for o in included)  # includes stay whole
+
+
+def test_history_of_a_report(node):
+    report_id = _report_id(node, "b1")
+    with node["db"].session() as s:  # a second version of b1: a re-run found an effusion
+        built = node["built"]["b1"]
+        save_resources(s, _build(built["facts"], built["sop"], {"Effusion": 0.8}, status="amended", version=2), None)
+    history = node["client"].execute(f"DiagnosticReport/{report_id}/_history", method="get")
+    Bundle.model_validate(history)
+    assert history["type"] == "history" and history["total"] == 2
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]  # newest first
+    assert [e["resource"]["status"] for e in history["entry"]] == ["amended", "preliminary"]
+    assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]
+    assert history["entry"][0]["response"]["etag"] == 'W/"2"'
+    auth = {"Authorization": f"Bearer {node['token']}"}
+    assert httpx.get(f"{node['base']}/DiagnosticReport/nope/_history", headers=auth).status_code == 404
+
+
+def test_capability_statement_matches_routes_and_file():
+    """The statement is generated from the tables the server dispatches on; check the
+    generated statement, the file on disk and the router agree."""
+    generated = fhir_routes.capability_statement()
+    on_disk = json.loads(fhir_routes.CAPABILITY_PATH.read_text())
+    assert on_disk == generated, "fhir/CapabilityStatement.json is stale: run python -m node.api.fhir_routes"
+    routes = {(method, route.path) for route in router.routes for method in route.methods}
+    interaction_routes = {
+        "read": ("GET", "/fhir/{resource_type}/{resource_id}"),
+        "vread": ("GET", "/fhir/{resource_type}/{resource_id}/_history/{version_id}"),
+        "history-instance": ("GET", "/fhir/{resource_type}/{resource_id}/_history"),
+        "search-type": ("GET", "/fhir/DiagnosticReport"),
+    }
+    resources = generated["rest"][0]["resource"]
+    assert [r["type"] for r in resources] == list(fhir_routes.READABLE_TYPES)
+    for resource in resources:
+        for interaction in resource["interaction"]:
+            assert interaction_routes[interaction["code"]] in routes, (resource["type"], interaction)
+        if any(i["code"] == "search-type" for i in resource["interaction"]):
+            assert resource["type"] in fhir_routes.SEARCHABLE_TYPES
+            names = [p["name"] for p in resource["searchParam"]]
+            assert names == [p.name for p in fhir_routes.REPORT_SEARCH_PARAMS]
+            for param in fhir_routes.REPORT_SEARCH_PARAMS:  # every accepted form belongs to a listed name
+                assert all(form.split(":")[0] == param.name for form in param.forms)
+    assert ("GET", "/fhir/metadata") in routes

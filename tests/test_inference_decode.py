@@ -384,3 +384,96 @@ def test_dcmread_of_a_written_file_decodes(tmp_path):
     assert image.source_shape == PNG8.shape
     np.testing.assert_allclose(fraction(image), PNG8, atol=0.5 / 4095 + 1e-6)
     assert pydicom.dcmread(path).BitsStored == 12
+
+
+# --- coverage gaps: bit depths, 8-bit allocation, missing plugins ----------------------------
+
+
+@pytest.mark.parametrize("bits", [9, 11, 13, 14, 15])
+def test_every_stored_bit_depth_between_8_and_16(bits):
+    image = decode_dicom(f.make_dx(bits_stored=bits, photometric="MONOCHROME1", sop_class_uid=f.CR_IMAGE))
+    assert image.maxval == 2**bits - 1
+    np.testing.assert_allclose(fraction(image), PNG8, atol=0.5 / (2**bits - 1) + 1e-6)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_8_bits_allocated(photometric):
+    ds = f.make_dx(bits_stored=8, photometric=photometric, sop_class_uid=f.CR_IMAGE)
+    stored = np.frombuffer(ds.PixelData, dtype="<u2").astype(np.uint8)
+    ds.BitsAllocated = 8
+    ds.PixelData = stored.tobytes()
+    image = decode_dicom(f.reread(ds))
+    assert image.maxval == 255.0
+    np.testing.assert_allclose(fraction(image), PNG8, atol=1e-6)
+
+
+def test_missing_decoder_plugin_names_the_transfer_syntax(monkeypatch):
+    from pydicom.pixels.decoders.base import get_decoder
+
+    ds = f.encoded(f.make_dx(), JPEGLSLossless)
+    decoder = get_decoder(JPEGLSLossless)
+    monkeypatch.setattr(type(decoder), "is_available", property(lambda self: False))
+    with pytest.raises(DecodeError, match=r"1\.2\.840\.10008\.1\.2\.4\.80 \(JPEG-LS Lossless.*plugins are not installed"):
+        decode_dicom(ds)
+
+
+def test_the_in_place_grey_pipeline_leaves_the_dataset_alone():
+    ds = f.make_dx(bits_stored=12, photometric="MONOCHROME1", window=(2000.0, 3000.0), rescale=(10.0, 1.5))
+    before = bytes(ds.PixelData)
+    first = decode_dicom(ds)
+    assert bytes(ds.PixelData) == before
+    np.testing.assert_array_equal(decode_dicom(ds).pixels, first.pixels)
+
+
+# --- 4k x 4k within a stated memory bound ------------------------------------------------------
+
+# Stated bound: decoding a 4096 x 4096 16-bit radiograph and preparing the model input
+# adds at most 10 bytes per pixel (168 MB) to the process's peak RSS, on top of what the
+# process held before. Measured here: ~8 bytes per pixel (file bytes 2, decoded frame 2,
+# one float32 working array 4; the model input is built without a full-size intermediate).
+BYTES_PER_PIXEL_BOUND = 10
+
+_MEASURE = r"""
+import sys, json
+from inference.decode import decode_dicom_file
+from inference.preprocess import prepare_input
+prepare_input(decode_dicom_file(sys.argv[2]))   # warm every import and allocator path on a small file
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
+base, reset_peak = status("VmRSS"), status("VmHWM")
+model_input = prepare_input(decode_dicom_file(sys.argv[1]))
+print(json.dumps({"base": base, "reset_peak": reset_peak, "peak": status("VmHWM"), "shape": list(model_input.array.shape)}))
+"""
+
+
+@pytest.mark.parametrize("syntax", ["explicit-le", "jpeg-ls"])
+def test_4k_by_4k_decodes_within_the_stated_memory_bound(tmp_path, syntax):
+    import json as json_
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    side = 4096
+    big = np.asarray(Image.fromarray(f.png_pixels()).resize((side, side), Image.BILINEAR))
+    ds = f.make_dx(big, bits_stored=16, photometric="MONOCHROME1")
+    if syntax == "jpeg-ls":
+        ds = f.encoded(ds, JPEGLSLossless)
+    path = f.write(ds, tmp_path / "4k.dcm")
+    small = f.write(f.make_dx(bits_stored=16), tmp_path / "small.dcm")
+    del ds, big
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(small)], capture_output=True, text=True,
+                          timeout=120, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr
+    m = json_.loads(proc.stdout.strip().splitlines()[-1])
+    assert m["reset_peak"] - m["base"] < 4 << 20, "the kernel did not reset VmHWM; the measurement would be void"
+    assert m["shape"] == [1, 224, 224]
+    added = m["peak"] - m["base"]
+    print(f"4k {syntax}: +{added / 2**20:.0f} MB = {added / side**2:.1f} bytes/pixel")
+    assert added <= BYTES_PER_PIXEL_BOUND * side * side, f"{added / side**2:.1f} bytes/pixel"

@@ -184,3 +184,101 @@ def test_package_is_pure_and_types_stay_light():
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# --- heatmaps at source resolution ----------------------------------------------------------
+
+
+def test_heatmap_upsampled_to_source_lines_up_with_the_regions(images, batch_results):
+    checked = 0
+    for image, result in zip(images, batch_results):
+        row0, col0, side = result.heatmaps.crop
+        for index, finding in enumerate(result.findings):
+            if not finding.positive:
+                continue
+            full = result.heatmaps.at_source(index)
+            assert full.shape == image.source_shape and full.dtype == np.float32
+            assert full[:row0].max(initial=0) == 0 and full[row0 + side :].max(initial=0) == 0  # outside the crop
+            assert 0.95 < full.max() <= 1.0  # the peak cell, bilinearly interpolated
+            r, c = np.unravel_index(full.argmax(), full.shape)
+            assert any(x1 <= c < x2 and y1 <= r < y2 for x1, y1, x2, y2 in (g.bbox for g in finding.regions))
+            checked += 1
+    assert checked >= 2
+
+
+# --- severity ----------------------------------------------------------------------------------
+
+
+def test_normalisation_at_the_operating_point():
+    from inference.severity import normalise_at_operating_point as q
+
+    for t in (0.0022, 0.07, 0.5, 0.9):
+        assert q(0.0, t) == 0.0 and q(t, t) == pytest.approx(0.5) and q(1.0, t) == pytest.approx(1.0)
+        grid = np.linspace(0, 1, 101)
+        assert np.all(np.diff([q(p, t) for p in grid]) >= 0)
+    assert q(0.3, 0.5) == pytest.approx(0.3)  # the identity for demo thresholds
+
+
+def test_default_severity_grades_follow_positivity_for_real_thresholds(model, images):
+    from dataclasses import replace as dc_replace
+
+    from inference.model import XRV_OP_THRESHOLDS
+
+    real = InferenceEngine(dc_replace(model, op_thresholds=XRV_OP_THRESHOLDS))
+    grades = set()
+    for result in real.predict(images):
+        for finding in result.findings:
+            assert (finding.severity != "none") == finding.positive, finding
+            grades.add(finding.severity)
+    assert grades <= {"none", "low", "moderate", "high"} and len(grades) >= 2
+
+
+def test_severity_bands_are_configurable(model, images):
+    from inference.severity import SeverityBands, normalise_at_operating_point
+
+    bands = SeverityBands.from_pairs([(0.0, "unlikely"), (0.35, "possible"), (0.6, "likely")])
+    for result in InferenceEngine(model, severity_bands=bands).predict(images[:2]):
+        for finding in result.findings:
+            value = normalise_at_operating_point(finding.probability, finding.threshold)
+            expected = "likely" if value >= 0.6 else "possible" if value >= 0.35 else "unlikely"
+            assert finding.severity == expected
+    for bad, message in [([], "empty"), ([(0.1, "a")], "start at 0.0"), ([(0.0, "a"), (0.0, "b")], "ascend"),
+                         ([(0.0, "a"), (1.0, "b")], "ascend"), ([(0.0, "a"), (0.5, "a")], "distinct")]:
+        with pytest.raises(ValueError, match=message):
+            SeverityBands.from_pairs(bad)
+
+
+def test_severity_survives_the_json_round_trip_and_old_results_still_load(batch_results):
+    data = result_to_json(batch_results[0])
+    back = result_from_json(json.loads(json.dumps(data)), batch_results[0].image)
+    assert [x.severity for x in back.findings] == [x.severity for x in batch_results[0].findings]
+    for item in data["findings"]:
+        del item["severity"]  # as stored before severities existed
+    del data["model"]["source_sha256"]
+    old = result_from_json(data, batch_results[0].image)
+    assert all(x.severity is None for x in old.findings) and old.model.source_sha256 is None
+
+
+# --- the three steps and format sniffing --------------------------------------------------------------
+
+
+def test_assemble_refuses_another_engines_scores(engine, model, images):
+    other = InferenceEngine(model)
+    (scored,) = other.score([engine.prepare(images[0])], [images[0].source_shape])
+    with pytest.raises(ValueError, match="another engine"):
+        engine.assemble(images[0], scored)
+    assert other.assemble(images[0], scored).model == model.info
+
+
+def test_sniffing_and_decoding_uploads(tmp_path):
+    from inference.engine import decode_image, sniff_format
+
+    png = f.NIH_PNGS[0].read_bytes()
+    dcm = f.SIIM_MONO2.read_bytes()
+    assert sniff_format(png) == "png" and sniff_format(dcm) == "dicom"
+    assert sniff_format(b"\xff\xd8\xff\xe0" + b"\x00" * 200) == "jpeg"
+    assert sniff_format(b"hello world" * 30) is None
+    np.testing.assert_array_equal(decode_image(png).pixels, decode_png_or_jpeg(f.NIH_PNGS[0]).pixels)
+    np.testing.assert_array_equal(decode_image(dcm).pixels, decode_dicom_file(f.SIIM_MONO2).pixels)
+    with pytest.raises(DecodeError):
+        decode_image(b"hello world" * 30)

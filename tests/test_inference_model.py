@@ -19,6 +19,8 @@ from PIL import Image
 from inference.decode import decode_dicom_file, decode_png_or_jpeg
 from inference.model import (
     DEMO_THRESHOLD,
+    default_weights_path,
+    import_xrv_checkpoint,
     MODEL_NAME,
     PATHOLOGIES,
     XRV_OP_THRESHOLDS,
@@ -30,7 +32,8 @@ from inference.model import (
     select_device,
 )
 from inference.preprocess import center_crop_geometry, prepare_input
-from inference.types import CHESTXRAY14
+from inference.types import CHESTXRAY14, ModelInfo
+from model_factory import state_digest, write_xrv_pickle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,14 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo(demo_model):
     return demo_model
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --- fidelity to the torchxrayvision reference loop --------------------------------------
@@ -75,6 +70,11 @@ def fidelity_images(tmp_path_factory) -> list[Path]:
     extra = f.write(f.make_dx(tall, bits_stored=12, photometric="MONOCHROME1"), tmp_path_factory.mktemp("dx") / "dx.dcm")
     images = sorted(f.DATA.glob("*.png")) + sorted(f.DATA.glob("*.dcm")) + [extra]
     assert len(images) >= 5
+    # tests/data is a byte copy of the workplace's shared/data/cxr: fidelity on one is fidelity on the other.
+    shared = REPO.parent / "shared" / "data" / "cxr"
+    if shared.is_dir():
+        for sample in sorted(shared.glob("*.png")) + sorted(shared.glob("*.dcm")):
+            assert sample.read_bytes() == (f.DATA / sample.name).read_bytes(), f"{sample.name} differs from tests/data"
     return images
 
 
@@ -202,35 +202,98 @@ def test_safetensors_without_valid_sidecar_is_refused(demo, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def xrv_pickle(demo, tmp_path_factory) -> Path:
-    """A torchxrayvision-style .pt: the whole nn.Module pickled (here with demo weights)."""
-    net = xrv.models.DenseNet(weights=None)
-    net.load_state_dict(demo.module.state_dict())
-    path = tmp_path_factory.mktemp("xrv") / XRV_WEIGHTS_FILENAME
-    torch.save(net, path)
-    return path
+def xrv_pickle(demo, tmp_path_factory) -> tuple[Path, str]:
+    """A torchxrayvision-format .pt (the whole nn.Module pickled) and its SHA-256."""
+    return write_xrv_pickle(tmp_path_factory.mktemp("xrv") / XRV_WEIGHTS_FILENAME, demo.module.state_dict())
 
 
-def test_xrv_pickle_loads_with_real_thresholds(demo, xrv_pickle):
-    loaded = load_model(xrv_pickle, device="cpu")
-    digest = hashlib.sha256(xrv_pickle.read_bytes()).hexdigest()
-    assert loaded.info == loaded.info.__class__(MODEL_NAME, f"xrv-{digest[:12]}", False, digest)
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Any torch.load call fails the test: run time must never unpickle."""
+    calls = []
+
+    def forbidden(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("torch.load called at run time")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    return calls
+
+
+def test_xrv_pickle_is_refused_at_run_time_with_the_import_command(xrv_pickle, no_unpickling):
+    path, _ = xrv_pickle
+    with pytest.raises(WeightsError, match=r"never unpickles.*carina model import"):
+        load_model(path, device="cpu")
+    assert no_unpickling == []
+
+
+def test_pickle_disguised_as_safetensors_is_not_unpickled(xrv_pickle, tmp_path, no_unpickling):
+    path, digest = xrv_pickle
+    disguised = tmp_path / "w.safetensors"
+    disguised.write_bytes(path.read_bytes())
+    (tmp_path / "w.json").write_text(json.dumps({
+        "name": "x", "version": "1", "pathologies": list(PATHOLOGIES), "op_threshs": [0.5] * 18, "sha256": digest,
+    }))
+    with pytest.raises(WeightsError, match="not a valid safetensors"):
+        load_model(disguised, device="cpu")
+    assert no_unpickling == []
+
+
+def test_xrv_cache_file_is_not_used_at_run_time(xrv_pickle, monkeypatch, no_unpickling):
+    path, _ = xrv_pickle
+    monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(path.parent) + "/")
+    assert default_weights_path() == path  # the file is right where xrv would look ...
+    loaded = load_model(None, device="cpu", demo_seed=0)
+    assert loaded.info.demo and loaded.info.version == "demo-seed0"  # ... and it is left alone
+    assert no_unpickling == []
+
+
+def test_import_verifies_converts_and_records_metadata(demo, xrv_pickle, tmp_path):
+    path, digest = xrv_pickle
+    meta = import_xrv_checkpoint(path, tmp_path / "m.safetensors", name="cxr-all", version="2.0",
+                                 expected_sha256=digest.upper())  # hex case does not matter
+    assert meta["pathologies"] == list(PATHOLOGIES)
+    assert meta["op_threshs"] == list(XRV_OP_THRESHOLDS)  # xrv's published operating points
+    assert "model_urls" in meta["op_threshs_source"]
+    assert meta["source_sha256"] == digest and meta["source_file"] == path.name
+    assert meta["sha256"] == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
+    assert meta["imported_at"].endswith("+00:00") and meta["demo"] is False
+    assert (tmp_path / "m.safetensors").read_bytes()[:1] != b"\x80"  # not a pickle (protocol marker)
+
+    loaded = load_model(tmp_path / "m.safetensors", device="cpu")
+    assert loaded.info == ModelInfo("cxr-all", "2.0", False, meta["sha256"], digest)
     assert loaded.info.caveat is None
-    assert loaded.op_thresholds == XRV_OP_THRESHOLDS == tuple(xrv.models.model_urls[MODEL_NAME]["op_threshs"])
+    assert loaded.op_thresholds == XRV_OP_THRESHOLDS
     assert state_digest(loaded.module.state_dict()) == state_digest(demo.module.state_dict())
 
 
-def test_xrv_cache_directory_is_used_when_no_path_is_given(xrv_pickle, monkeypatch):
-    monkeypatch.setattr(xrv.utils, "get_cache_dir", lambda: str(xrv_pickle.parent) + "/")
-    loaded = load_model(None, device="cpu")
-    assert not loaded.info.demo and loaded.info.version.startswith("xrv-")
+def test_import_refuses_a_hash_mismatch_before_unpickling(xrv_pickle, tmp_path, monkeypatch):
+    path, digest = xrv_pickle
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a))
+    wrong = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with pytest.raises(WeightsError, match=rf"SHA-256 mismatch.*{digest}.*expected {wrong}.*Refusing"):
+        import_xrv_checkpoint(path, tmp_path / "m.safetensors", name="n", version="1", expected_sha256=wrong)
+    with pytest.raises(WeightsError, match="64 hex digits"):
+        import_xrv_checkpoint(path, tmp_path / "m.safetensors", name="n", version="1", expected_sha256="abc")
+    assert calls == [] and not (tmp_path / "m.safetensors").exists()
 
 
-def test_pickle_of_another_architecture_is_refused(tmp_path):
+def test_import_takes_op_threshs_stored_in_the_checkpoint(demo, tmp_path):
+    custom = [0.3] * 18
+    path, digest = write_xrv_pickle(tmp_path / "t.pt", demo.module.state_dict(), op_threshs=custom)
+    meta = import_xrv_checkpoint(path, tmp_path / "t.safetensors", name="n", version="1", expected_sha256=digest)
+    assert meta["op_threshs"] == pytest.approx(custom) and meta["op_threshs_source"] == "checkpoint buffer op_threshs"
+    assert load_model(tmp_path / "t.safetensors", device="cpu").op_thresholds == pytest.approx(tuple(custom))
+
+
+def test_import_refuses_another_architecture(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(torch.nn.Linear(3, 2), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(WeightsError, match="architecture"):
-        load_model(path, device="cpu")
+        import_xrv_checkpoint(path, tmp_path / "o.safetensors", name="n", version="1", expected_sha256=digest)
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 # --- device ------------------------------------------------------------------------------

@@ -69,3 +69,28 @@ def test_operator_for_a_huge_crop_is_small_and_quick():
     assert time.perf_counter() - started < 2.0
     assert a.shape == (224, 7745)
     np.testing.assert_allclose(a.sum(dim=1).numpy()[5:-5], 1.0, atol=1e-5)  # rows are averages inside
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (3000, 2500), (2500, 3000), (401, 333), (150, 180), (7, 12)])
+def test_fast_path_equals_the_literal_monai_chain(shape):
+    from inference.preprocess import prepare_input_reference
+
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    pixels = (rng.random(shape, dtype=np.float32) ** 2 * 4095).astype(np.float32)
+    pixels[: shape[0] // 3] *= 0.2  # structure, not just noise
+    image = DecodedImage(pixels=pixels, maxval=4095.0, source_shape=shape)
+    fast, literal = prepare_input(image), prepare_input_reference(image)
+    assert fast.crop == literal.crop and fast.array.shape == literal.array.shape == (1, 224, 224)
+    assert fast.array.dtype == np.float32 and fast.array.flags.c_contiguous
+    np.testing.assert_allclose(fast.array, literal.array, atol=0.01)  # of a +-1024 range
+    # The border rows, where zero padding makes resize and scaling not commute naively, match too.
+    np.testing.assert_allclose(fast.array[0, [0, -1]], literal.array[0, [0, -1]], atol=0.01)
+
+
+def test_out_of_range_pixels_take_the_clipping_chain():
+    from inference.preprocess import prepare_input_reference
+
+    pixels = np.full((300, 300), 8000.0, np.float32)  # above maxval: ScaleIntensityRange clips
+    image = DecodedImage(pixels=pixels, maxval=4095.0, source_shape=(300, 300))
+    np.testing.assert_allclose(prepare_input(image).array, prepare_input_reference(image).array, atol=1e-3)
+    assert prepare_input(image).array.max() <= 1024.0 + 1e-3

@@ -59,12 +59,12 @@ def test_capture_identity_and_references():
     captures = build_heatmap_captures(source, result, REAL, first_instance_number=11)
     kinds = ["summary", "Pneumothorax", "Effusion"]  # summary first, then CHESTXRAY14 order
     assert [sc.SOPInstanceUID for sc in captures] == [
-        uids.sc_instance_uid(source.SOPInstanceUID, REAL.version, kind) for kind in kinds
+        uids.sc_instance_uid(source.SOPInstanceUID, REAL.ref, kind) for kind in kinds
     ]
     assert [sc.InstanceNumber for sc in captures] == [11, 12, 13]
     for sc in captures:
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-        assert sc.SeriesInstanceUID == uids.series_uid(source.StudyInstanceUID, REAL.version, "sc")
+        assert sc.SeriesInstanceUID == uids.series_uid(source.StudyInstanceUID, REAL.ref, "sc")
         assert sc.SeriesNumber == 9902
         assert sc.SeriesDescription == "Carina AI heatmaps"
         assert sc.StudyInstanceUID == source.StudyInstanceUID

@@ -174,8 +174,8 @@ def test_sr_header_uids_and_flags():
     assert sr.StudyInstanceUID == ds.StudyInstanceUID
     assert (sr.PatientID, str(sr.PatientName), sr.PatientBirthDate, sr.PatientSex) == ("PID-7", "Doe^Jane", "19600101", "F")
     assert sr.AccessionNumber == ds.AccessionNumber
-    assert sr.SeriesInstanceUID == uids.series_uid(ds.StudyInstanceUID, REAL.version, "sr")
-    assert sr.SOPInstanceUID == uids.sr_instance_uid([ds.SOPInstanceUID], REAL.version, 3)
+    assert sr.SeriesInstanceUID == uids.series_uid(ds.StudyInstanceUID, REAL.ref, "sr")
+    assert sr.SOPInstanceUID == uids.sr_instance_uid([ds.SOPInstanceUID], REAL.ref, 3)
     assert sr.SeriesInstanceUID != ds.SeriesInstanceUID
     assert sr.SeriesNumber == 9901 and sr.InstanceNumber == 3
     assert sr.Modality == "SR"
@@ -284,7 +284,7 @@ def test_sr_one_group_per_finding_in_label_order():
         assert terms.finding(finding.label).display in names["112039"].TextValue
 
         [tracking] = item(group, "112040", "UIDREF")
-        assert tracking.UID == tracking_uid(ds.SOPInstanceUID, REAL.version, finding.label)
+        assert tracking.UID == tracking_uid(ds.SOPInstanceUID, REAL.ref, finding.label)
         tracking_uids.add(tracking.UID)
 
         template = group.ContentTemplateSequence[0].TemplateIdentifier
@@ -408,7 +408,7 @@ def test_sr_is_deterministic(tmp_path):
             equipment.pop("ContributionDateTime", None)
         timeless.append(back)
     assert timeless[0] == timeless[1]
-    assert timeless[0].SOPInstanceUID == uids.sr_instance_uid([ds.SOPInstanceUID], DEMO.version, 2)
+    assert timeless[0].SOPInstanceUID == uids.sr_instance_uid([ds.SOPInstanceUID], DEMO.ref, 2)
 
 
 def test_rerun_supersedes_predecessor(tmp_path):

@@ -114,3 +114,120 @@ def test_hl7_v2_coding_system_names():
     terms = load_terminology()
     assert terms.finding("Effusion").snomed.v2() == ("60046008", "Pleural effusion", "SCT")
     assert terms.report["single_view"].v2()[2] == "LN"
+
+
+# --- one map, three outputs: SR, FHIR and HL7 built from the same inputs agree ------------
+
+def _sr_groups(sr) -> dict[tuple[str, str], dict]:
+    """Per finding concept (code, scheme): the qualitative value and probability in the SR."""
+    groups = {}
+
+    def walk(items):
+        for item in items:
+            name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
+            if item.ValueType == "CONTAINER" and name is not None and name.CodeValue == "125007":
+                group = {}
+                for child in item.ContentSequence:
+                    child_name = child.ConceptNameCodeSequence[0]
+                    if child.ValueType == "CODE" and child_name.CodeValue == "121071":  # Finding
+                        concept = child.ConceptCodeSequence[0]
+                        group["finding"] = (concept.CodeValue, concept.CodingSchemeDesignator)
+                    elif child.ValueType == "CODE":  # qualitative evaluation: name = finding concept
+                        value = child.ConceptCodeSequence[0]
+                        group["evaluation"] = (child_name.CodeValue, (value.CodeValue, value.CodingSchemeDesignator))
+                    elif child.ValueType == "NUM" and child_name.CodeValue == "122157":  # Probability
+                        group["probability"] = float(child.MeasuredValueSequence[0].NumericValue)
+                groups[group["finding"]] = group
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    return groups
+
+
+def test_sr_fhir_and_hl7_code_every_finding_identically():
+    import datetime as dt
+
+    import hl7
+    import numpy as np
+
+    from dicom_factory import make_dx
+    from node.outputs.fhir_report import build_report_resources
+    from node.outputs.hl7_oru import build_oru, encode
+    from node.outputs.sr import build_sr
+    from node.outputs.study_facts import StudyFacts
+    from pipeline_rig import DEMO, image_result
+
+    ds = make_dx(np.tile(np.linspace(20, 230, 64, dtype=np.uint8), (64, 1)))
+    result = image_result(ds, {"Pneumothorax": 0.91, "Effusion": 0.64})
+    findings = {ds.SOPInstanceUID: list(result.findings)}
+    facts = StudyFacts.from_datasets([ds])
+    issued = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+    common = dict(study_version=1, status="preliminary", issued=issued, calling_ae="MODALITY")
+
+    sr = _sr_groups(build_sr([(ds, result)], DEMO, 1))
+    fhir = build_report_resources(facts, findings, DEMO, patient_system="urn:oid:1.2.3", **common)
+    oru = hl7.parse(encode(build_oru(facts, findings, DEMO, **common)))
+    observations = {o["code"]["text"]: o for o in fhir if o["resourceType"] == "Observation"}
+    obx = {str(seg(3)(1)(1)): seg for seg in oru.segments("OBX")}
+
+    terms = load_terminology()
+    present, absent = terms.sr["present"], terms.sr["absent"]
+    assert len(sr) == len(observations) == len(obx) == 14
+    for finding in result.findings:
+        codes = terms.finding(finding.label)
+        sr_group = sr[(codes.dicom.code, codes.dicom.scheme)]
+        fhir_obs = observations[finding.label]
+        hl7_obx = obx[codes.snomed.code]
+        # Same concept everywhere: SR Finding and qualitative evaluation, FHIR code, OBX-3.
+        assert sr_group["finding"] == (codes.snomed.code, "SCT")
+        assert sr_group["evaluation"][0] == codes.snomed.code
+        assert fhir_obs["code"]["coding"][0] == codes.snomed.fhir()
+        assert (str(hl7_obx(3)(1)(1)), str(hl7_obx(3)(1)(3))) == (codes.snomed.code, codes.snomed.v2_system)
+        # Same verdict: SR Present/Absent = OBX-5, FHIR POS/NEG = OBX-8 A/N.
+        verdict = present if finding.positive else absent
+        assert sr_group["evaluation"][1] == (verdict.code, "SCT")
+        assert str(hl7_obx(5)(1)(1)) == verdict.code
+        fhir_verdict = terms.interpretation["positive" if finding.positive else "negative"]
+        assert fhir_obs["interpretation"][0]["coding"][0]["code"] == fhir_verdict["fhir"].code
+        assert str(hl7_obx(8)) == fhir_verdict["v2"].code
+        # Same number.
+        assert sr_group["probability"] == pytest.approx(finding.probability, abs=1e-6)
+        assert fhir_obs["valueQuantity"]["value"] == pytest.approx(finding.probability, abs=1e-4)
+        assert float(str(hl7_obx(9))) == pytest.approx(finding.probability, abs=1e-4)
+    # Report level: the same LOINC procedure in the SR, FHIR and OBR-4.
+    report = next(r for r in fhir if r["resourceType"] == "DiagnosticReport")
+    assert report["code"]["coding"][0]["code"] == str(oru.segment("OBR")(4)(1)(1)) == terms.report["single_view"].code
+    assert report["code"]["coding"][1]["code"] == terms.report["sr_title"].code == "18748-4"
+
+
+@pytest.mark.parametrize("section", ["interpretation", "priority"])
+def test_hl7_and_fhir_vocabularies_are_sourced(section):
+    terms = load_terminology()
+    groups = getattr(terms, section)
+    assert groups, section
+    for name, kinds in RAW[section].items():
+        if name.startswith("_"):
+            continue
+        for kind, entry in kinds.items():
+            assert len(entry.get("source", "")) > 20, f"{section}.{name}.{kind} has no source"
+            assert groups[name][kind].code == entry["code"]
+    for kind in ("v2_tq1", "v2_obr27"):
+        assert terms.priority["stat"][kind].code == "S" and terms.priority["routine"][kind].code == "R"
+
+
+def test_v2_table_codes_exist_in_hl7apy_v251_tables():
+    from hl7apy.v2_5_1.tables import TABLES
+
+    terms = load_terminology()
+    for verdict in terms.interpretation.values():
+        assert verdict["v2"].code in TABLES["HL70078"][1]
+    for priority in terms.priority.values():
+        assert priority["v2_tq1"].code in TABLES["HL70485"][1]
+        assert priority["v2_obr27"].code in TABLES["HL70027"][1]
+    assert terms.fhir["radiology_section"].code in TABLES["HL70074"][1]
+
+
+def test_every_fhir_code_is_sourced():
+    for key, entry in RAW["fhir"].items():
+        assert len(entry.get("source", "")) > 20, key

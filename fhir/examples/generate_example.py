@@ -27,6 +27,7 @@ from inference.types import CHESTXRAY14, Finding, ModelInfo  # noqa: E402
 from node.fhir_store import with_meta  # noqa: E402
 from node.outputs.fhir_report import build_report_resources  # noqa: E402
 from node.outputs.study_facts import StudyFacts  # noqa: E402
+from node.triage import Triage  # noqa: E402
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1249.777.1"
 OUTPUT = HERE / "chest-xray-two-views-bundle.json"
@@ -70,6 +71,7 @@ def main() -> None:
         issued=dt.datetime(2026, 11, 21, 9, 41, 7, tzinfo=dt.timezone.utc),
         patient_system="urn:oid:1.2.826.0.1.3680043.10.1249.1",
         calling_ae="MODALITY",
+        triage=Triage("routine", (), "no critical AI finding (watched: Pneumothorax)"),
     )
     stamp = dt.datetime(2026, 11, 21, 9, 41, 8, tzinfo=dt.timezone.utc).timestamp()
     base = "https://carina.example.org/fhir"

@@ -9,6 +9,7 @@ from fastapi.staticfiles import StaticFiles
 
 from node.api import studies
 from node.api.fhir_routes import router as fhir_router
+from node.api.predict import router as predict_router
 from node.context import NodeContext
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -19,6 +20,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.state.node = ctx
     app.include_router(studies.router)
     app.include_router(fhir_router)
+    app.include_router(predict_router)  # POST /api/v1/predict
     app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
 
     @app.get("/healthz", include_in_schema=False)

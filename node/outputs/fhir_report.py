@@ -1,5 +1,13 @@
 """FHIR R4 resources for one scored study: DiagnosticReport, 14 Observations,
-the model's Device and the ImagingStudy they were derived from.
+the model's Device, the ImagingStudy they were derived from, the Provenance
+of this AI run and (when the DICOM header names one) the Patient.
+
+AI content follows the HL7 AI Transparency on FHIR IG: meta.security AIAST on
+the report and observations, a Device whose type says AI, and a Provenance
+whose author agent is that Device.
+
+`presentedForm` (a rendered PDF) is left out on purpose: Carina renders no PDF
+yet, and an empty or placeholder attachment would mislead a reader.
 
 Output is FHIR R4 (4.0.1) JSON. fhir.resources 8.x defaults to R5, and its
 R4-compatible model package is `fhir.resources.R4B` (4.3.0): for every element
@@ -20,32 +28,24 @@ from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.provenance import Provenance
 
 from inference.types import CHESTXRAY14, DEMO_WARNING, Finding, ModelInfo
 from node.outputs import uids
+from node.outputs.equipment import device_uid
+from node.outputs.names import FHIR_GENDER, PersonName, fhir_birth_date
 from node.outputs.study_facts import SourceImage, StudyFacts
 from node.terminology import load_terminology, procedure_coding
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
+URI_SYSTEM = "urn:ietf:rfc:3986"  # identifier system whose value is a URI (here urn:uuid:<id>)
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
 UCUM = "http://unitsofmeasure.org"
-AI_ASSERTED = {
-    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-    "code": "AIAST",
-    "display": "Artificial Intelligence asserted",
-}
-RADIOLOGY_V2 = {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
-IMAGING_CATEGORY = {
-    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-    "code": "imaging",
-    "display": "Imaging",
-}
-ACCESSION_TYPE = {
-    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN", "display": "Accession ID"}]
-}
-_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-POSITIVE = {"system": _INTERPRETATION, "code": "POS", "display": "Positive"}
-NEGATIVE = {"system": _INTERPRETATION, "code": "NEG", "display": "Negative"}
+# Carina's own extension carrying the AI triage priority on a DiagnosticReport
+# (R4 has no DiagnosticReport.priority). Defined in
+# fhir/StructureDefinition-carina-triage-priority.json.
+TRIAGE_PRIORITY_URL = "http://carina.local/fhir/StructureDefinition/ai-triage-priority"
 REPORT_STATUSES = ("registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled")
 
 # Fixed namespace: changing it would re-key every resource a site has stored.
@@ -77,8 +77,21 @@ def device_id(model: ModelInfo) -> str:
     return resource_id("Device", model.name, model.version, model.weights_sha256 or "demo")
 
 
-def device_uid(model: ModelInfo) -> str:
-    return uids.device_uid(model.name, model.version, model.weights_sha256)
+def provenance_id(calling_ae: str, study_uid: str, study_version: int) -> str:
+    # One Provenance per AI run (study version): each records its own activity.
+    return resource_id("Provenance", calling_ae, study_uid, str(study_version))
+
+
+def patient_id(patient_system: str, patient_value: str) -> str:
+    return resource_id("Patient", patient_system, patient_value)
+
+
+def uuid_identifier(resource_id_: str) -> dict:
+    """The stable business identifier every Carina resource carries: its id as a URN.
+
+    Ids are deterministic per study (not per version), so this identifier is
+    the key for conditional create/update when the resources are pushed."""
+    return {"system": URI_SYSTEM, "value": f"urn:uuid:{resource_id_}"}
 
 
 def build_report_resources(
@@ -91,32 +104,41 @@ def build_report_resources(
     issued: dt.datetime,
     patient_system: str,
     calling_ae: str,
+    triage=None,
 ) -> list[dict]:
-    """[DiagnosticReport, Observation x14, Device, ImagingStudy] as R4 JSON dicts.
+    """[DiagnosticReport, Observation x14, Device, ImagingStudy, Provenance,
+    Patient (only with a PatientID)] as R4 JSON dicts.
 
     `findings_by_image` maps scored SOP Instance UIDs to that image's 14
     findings; the study-level result per label is the image with the highest
     probability (a finding seen on any view is a finding of the study).
+    `triage` (node.triage.Triage) adds the priority extension and marks the
+    critical findings AA; None leaves both out.
     """
     if status not in REPORT_STATUSES:
         raise ValueError(f"status {status!r} is not a DiagnosticReport status")
-    strongest = _strongest_findings(findings_by_image)
+    strongest = strongest_findings(findings_by_image)
     images = {img.sop_instance_uid: img for img in facts.images}
     unknown = set(findings_by_image) - set(images)
     if unknown:
         raise ValueError(f"findings for images not in the study facts: {sorted(unknown)}")
 
-    ctx = _Context(facts, model, status, _instant(issued), patient_system, calling_ae)
+    ctx = _Context(facts, model, status, _instant(issued), patient_system, calling_ae, triage)
     observations = [
         _observation(ctx, label, finding, images[sop_uid]) for label, (sop_uid, finding) in strongest.items()
     ]
-    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in facts.images], model.version, study_version)
+    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in facts.images], model.ref, study_version)
+    report = _diagnostic_report(ctx, strongest, observations, sr_uid)
     resources = [
-        _diagnostic_report(ctx, strongest, observations, sr_uid),
+        report,
         *observations,
         _device(model),
         _imaging_study(ctx),
+        _provenance(ctx, report, observations, study_version),
     ]
+    patient = _patient(ctx)
+    if patient is not None:
+        resources.append(patient)
     for resource in resources:
         validate(resource)
     return resources
@@ -127,6 +149,8 @@ _MODELS = {
     "Observation": Observation,
     "Device": Device,
     "ImagingStudy": ImagingStudy,
+    "Provenance": Provenance,
+    "Patient": Patient,
 }
 
 
@@ -138,17 +162,20 @@ def validate(resource: dict) -> None:
 class _Context:
     """What every resource of one study shares."""
 
-    def __init__(self, facts, model, status, issued, patient_system, calling_ae):
+    def __init__(self, facts, model, status, issued, patient_system, calling_ae, triage):
         self.facts, self.model, self.status, self.issued = facts, model, status, issued
         self.terms = load_terminology()
         self.effective = dicom_datetime(facts.study_date, facts.study_time)
+        self.patient_system = patient_system
         self.subject = patient_reference(patient_system, facts.patient_id)
         self.study_ref = {"reference": f"ImagingStudy/{imaging_study_id(calling_ae, facts.study_uid)}"}
         self.device_ref = {"reference": f"Device/{device_id(model)}"}
         self.calling_ae = calling_ae
+        self.triage = triage
+        self.ai_asserted = self.terms.fhir["ai_asserted"].fhir()
 
 
-def _strongest_findings(findings_by_image: dict[str, list[Finding]]) -> dict[str, tuple[str, Finding]]:
+def strongest_findings(findings_by_image: dict[str, list[Finding]]) -> dict[str, tuple[str, Finding]]:
     if not findings_by_image:
         raise ValueError("no scored images: a report needs at least one")
     best: dict[str, tuple[str, Finding]] = {}
@@ -171,19 +198,26 @@ def _diagnostic_report(ctx: _Context, strongest, observations: list[dict], sr_ui
         {"coding": [ctx.terms.finding(f.label).snomed.fhir()], "text": ctx.terms.finding(f.label).display}
         for f in positives
     ]
+    rid = report_id(ctx.calling_ae, ctx.facts.study_uid)
     return _present({
         "resourceType": "DiagnosticReport",
-        "id": report_id(ctx.calling_ae, ctx.facts.study_uid),
-        "meta": {"security": [AI_ASSERTED]},
+        "id": rid,
+        "meta": {"security": [ctx.ai_asserted]},
+        "extension": [_triage_extension(ctx)] if ctx.triage is not None else None,
         # The report is the FHIR face of the TID 1500 SR Carina sends to PACS
-        # (IHE AIR), so its business identifier is that SR's SOP Instance UID:
-        # an EHR can fetch the matching DICOM object. The study UID would
-        # collide with the radiologist's own report of the same study.
-        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sr_uid}"}],
+        # (IHE AIR), so its first business identifier is that SR's SOP
+        # Instance UID: an EHR can fetch the matching DICOM object. The study
+        # UID would collide with the radiologist's own report of the same
+        # study. The SR UID changes with each re-run, so a second identifier,
+        # stable across versions, keys conditional updates on push.
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{sr_uid}"}, uuid_identifier(rid)],
         "basedOn": based_on,
         "status": ctx.status,
-        "category": [{"coding": [ctx.terms.report["category"].fhir(), RADIOLOGY_V2]}],
-        "code": {"coding": [_procedure_code(ctx).fhir()]},
+        "category": [{"coding": [ctx.terms.report["category"].fhir(), ctx.terms.fhir["radiology_section"].fhir()]}],
+        # The procedure's LOINC code, then the LOINC document code for a
+        # diagnostic imaging report (18748-4, the SR document title): the same
+        # report at two granularities, so an EHR filing by either finds it.
+        "code": {"coding": [_procedure_code(ctx).fhir(), ctx.terms.report["sr_title"].fhir()]},
         "subject": ctx.subject,
         "effectiveDateTime": ctx.effective,
         "issued": ctx.issued,
@@ -192,6 +226,17 @@ def _diagnostic_report(ctx: _Context, strongest, observations: list[dict], sr_ui
         "conclusion": conclusion(ctx.model, positives),
         "conclusionCode": codes or None,
     })
+
+
+def _triage_extension(ctx: _Context) -> dict:
+    triage = ctx.triage
+    return {
+        "url": TRIAGE_PRIORITY_URL,
+        "valueCodeableConcept": {
+            "coding": [ctx.terms.priority[triage.priority]["fhir"].fhir()],
+            "text": triage.reason or triage.priority,
+        },
+    }
 
 
 def _present(resource: dict) -> dict:
@@ -223,12 +268,18 @@ def _observation(ctx: _Context, label: str, finding: Finding, image: SourceImage
     notes = [f"Study-level result: highest probability of the scored images, on SOP Instance {image.sop_instance_uid}{view}."]
     if ctx.model.demo:
         notes.insert(0, f"{DEMO_WARNING}.")
+    oid = observation_id(ctx.calling_ae, ctx.facts.study_uid, label)
+    verdict = ctx.terms.interpretation["positive" if finding.positive else "negative"]["fhir"].fhir()
+    interpretation = [{"coding": [verdict]}]
+    if ctx.triage is not None and label in ctx.triage.critical:
+        interpretation.append({"coding": [ctx.terms.interpretation["critical"]["fhir"].fhir()]})
     return _present({
         "resourceType": "Observation",
-        "id": observation_id(ctx.calling_ae, ctx.facts.study_uid, label),
-        "meta": {"security": [AI_ASSERTED]},
+        "id": oid,
+        "meta": {"security": [ctx.ai_asserted]},
+        "identifier": [uuid_identifier(oid)],
         "status": ctx.status,
-        "category": [{"coding": [IMAGING_CATEGORY]}],
+        "category": [{"coding": [ctx.terms.fhir["imaging_category"].fhir()]}],
         "code": {"coding": coding, "text": label},
         "subject": ctx.subject,
         "effectiveDateTime": ctx.effective,
@@ -236,7 +287,7 @@ def _observation(ctx: _Context, label: str, finding: Finding, image: SourceImage
         # UCUM "1" (dimensionless): the value is the model's sigmoid output as
         # is, 0..1, the same number the SR carries - no rescaling to percent.
         "valueQuantity": _probability(finding.probability),
-        "interpretation": [{"coding": [POSITIVE if finding.positive else NEGATIVE]}],
+        "interpretation": interpretation,
         "note": [{"text": text} for text in notes],
         "bodySite": {"coding": [ctx.terms.sr["body_site"].fhir()]},
         "device": ctx.device_ref,
@@ -257,6 +308,7 @@ def _probability(value: float) -> dict:
 
 
 def _device(model: ModelInfo) -> dict:
+    terms = load_terminology()
     versions = [{"type": {"text": "model version"}, "value": model.version}]
     if model.weights_sha256:
         versions.append({"type": {"text": "weights SHA-256"}, "value": model.weights_sha256})
@@ -268,8 +320,9 @@ def _device(model: ModelInfo) -> dict:
         "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"urn:oid:{device_uid(model)}"}],
         "status": "active",
         "deviceName": [{"name": model.name, "type": "model-name"}],
+        # AI Transparency IG AIDevice type first, then DICOM's concept for AI.
         "type": {
-            "coding": [load_terminology().fhir["device_type"].fhir()],
+            "coding": [terms.fhir["ai_device_type"].fhir(), terms.fhir["device_type"].fhir()],
             "text": "AI software: chest X-ray finding classifier",
         },
         "version": versions,
@@ -325,14 +378,61 @@ def _series(series_uid: str, images: list[SourceImage]) -> dict:
 
 def _accession(ctx: _Context) -> dict:
     # No issuer of the accession number is known to the node, so no system.
-    return {"type": ACCESSION_TYPE, "value": ctx.facts.accession_number}
+    return {"type": {"coding": [ctx.terms.fhir["accession_type"].fhir()]}, "value": ctx.facts.accession_number}
 
 
-def patient_reference(patient_system: str, patient_id: str) -> dict | None:
-    """Logical reference: Carina does not own Patient resources, the EHR does."""
-    if not patient_id:
+def patient_reference(patient_system: str, patient_value: str) -> dict | None:
+    """Literal reference to Carina's Patient view plus the logical identifier.
+
+    The identifier is what a receiving EHR resolves (it owns its patients);
+    the literal reference serves `_include=DiagnosticReport:subject` here and
+    is dropped when the report is pushed (node/destinations/fhir.py)."""
+    if not patient_value:
         return None
-    return {"identifier": {"system": patient_system, "value": patient_id}}
+    return {
+        "reference": f"Patient/{patient_id(patient_system, patient_value)}",
+        "identifier": {"system": patient_system, "value": patient_value},
+    }
+
+
+def _patient(ctx: _Context) -> dict | None:
+    """The patient as the DICOM header describes it; the EHR stays the master."""
+    facts = ctx.facts
+    if not facts.patient_id:
+        return None
+    name = PersonName.from_dicom(facts.patient_name).fhir()
+    return _present({
+        "resourceType": "Patient",
+        "id": patient_id(ctx.patient_system, facts.patient_id),
+        "identifier": [{"system": ctx.patient_system, "value": facts.patient_id}],
+        "name": [name] if name else None,
+        "gender": FHIR_GENDER.get(facts.patient_sex.upper()) if facts.patient_sex else None,
+        "birthDate": fhir_birth_date(facts.patient_birth_date),
+    })
+
+
+def _provenance(ctx: _Context, report: dict, observations: list[dict], study_version: int) -> dict:
+    """AI Transparency IG AIProvenance: who (the AI Device) made what (report +
+    observations) from what (the ImagingStudy), when and why (AIAST)."""
+    terms = ctx.terms
+    activity = terms.fhir["data_create" if study_version <= 1 else "data_update"]
+    return {
+        "resourceType": "Provenance",
+        "id": provenance_id(ctx.calling_ae, ctx.facts.study_uid, study_version),
+        "target": [{"reference": f"DiagnosticReport/{report['id']}"}]
+        + [{"reference": f"Observation/{o['id']}"} for o in observations],
+        "recorded": ctx.issued,
+        "reason": [{"coding": [ctx.ai_asserted]}],
+        "activity": {"coding": [activity.fhir()], "text": f"AI inference run {study_version}"},
+        "agent": [
+            {
+                "type": {"coding": [terms.fhir["provenance_author"].fhir()]},
+                "role": [{"coding": [terms.fhir["ai_device_type"].fhir()]}],
+                "who": dict(ctx.device_ref),
+            }
+        ],
+        "entity": [{"role": terms.fhir["provenance_source"].code, "what": dict(ctx.study_ref)}],
+    }
 
 
 def dicom_datetime(date: str, time: str) -> str | None:

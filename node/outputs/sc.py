@@ -149,9 +149,9 @@ def _secondary_capture(
         "RGB",
         8,
         "PATIENT",
-        series_instance_uid=uids.series_uid(header.StudyInstanceUID, model.version, "sc"),
+        series_instance_uid=uids.series_uid(header.StudyInstanceUID, model.ref, "sc"),
         series_number=series_number,
-        sop_instance_uid=uids.sc_instance_uid(header.SOPInstanceUID, model.version, kind),
+        sop_instance_uid=uids.sc_instance_uid(header.SOPInstanceUID, model.ref, kind),
         instance_number=instance_number,
         manufacturer=manufacturer,
         # highdicom insists on an orientation for PATIENT images; a header

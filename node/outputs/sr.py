@@ -137,9 +137,9 @@ def build_sr(
     sr = Comprehensive3DSR(
         evidence=headers,
         content=report,
-        series_instance_uid=uids.series_uid(study_uid, model.version, "sr"),
+        series_instance_uid=uids.series_uid(study_uid, model.ref, "sr"),
         series_number=series_number,
-        sop_instance_uid=uids.sr_instance_uid(source_uids, model.version, study_version),
+        sop_instance_uid=uids.sr_instance_uid(source_uids, model.ref, study_version),
         instance_number=max(1, study_version),  # later runs sort after earlier ones
         manufacturer=manufacturer,
         is_complete=True,  # every scored image has all 14 findings
@@ -183,9 +183,9 @@ def scoord_polyline(region: Region, rows: int, columns: int) -> np.ndarray:
     return points.astype(np.float32)
 
 
-def tracking_uid(source_sop_uid: str, model_version: str, label: str) -> str:
+def tracking_uid(source_sop_uid: str, model_ref: str, label: str) -> str:
     """Same image, model and label -> same UID, so a re-run tracks the same finding."""
-    return uids.derived_uid("sr-tracking", source_sop_uid, model_version, label)
+    return uids.derived_uid("sr-tracking", source_sop_uid, model_ref, label)
 
 
 # Type 2 patient/study attributes highdicom reads from the source without a
@@ -251,7 +251,7 @@ def _finding_group(
     sop_uid = str(header.SOPInstanceUID)
     common = dict(
         tracking_identifier=TrackingIdentifier(
-            uid=tracking_uid(sop_uid, model.version, finding.label),
+            uid=tracking_uid(sop_uid, model.ref, finding.label),
             identifier=f"{codes_.display} (SOP ...{sop_uid[-12:]})",
         ),
         finding_type=concept,

@@ -18,20 +18,24 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_NAMESPACE, chr(31).join(parts)).int}"
 
 
-def sc_instance_uid(source_sop_uid: str, model_version: str, kind: str) -> str:
+# `model_ref` is ModelInfo.ref ("name@version"): two models that share a
+# version string must still write different objects.
+
+
+def sc_instance_uid(source_sop_uid: str, model_ref: str, kind: str) -> str:
     """`kind` is 'summary' or a finding label."""
-    return derived_uid("sc", source_sop_uid, model_version, kind)
+    return derived_uid("sc", source_sop_uid, model_ref, kind)
 
 
-def sr_instance_uid(source_sop_uids: list[str], model_version: str, study_version: int) -> str:
+def sr_instance_uid(source_sop_uids: list[str], model_ref: str, study_version: int) -> str:
     # The study version keeps a re-run's SR distinct from the one it supersedes
     # even when the same images are scored again.
-    return derived_uid("sr", *sorted(source_sop_uids), model_version, str(study_version))
+    return derived_uid("sr", *sorted(source_sop_uids), model_ref, str(study_version))
 
 
-def series_uid(study_uid: str, model_version: str, kind: str) -> str:
+def series_uid(study_uid: str, model_ref: str, kind: str) -> str:
     """One SR series and one SC series per study and model version."""
-    return derived_uid("series", study_uid, model_version, kind)
+    return derived_uid("series", study_uid, model_ref, kind)
 
 
 def device_uid(model_name: str, model_version: str, weights_sha256: str | None) -> str:

@@ -16,10 +16,11 @@ from sqlalchemy import select
 from dicom_scp.durable import write_durably
 from dicom_scp.scp import safe_path_component
 from inference import decode_dicom, result_from_json
+from node import triage as ai_triage
 from node.context import NodeContext
 from node.db import Instance, Job, Output, Result, Study
 from node.fhir_store import save_resources
-from node.jobs import enqueue
+from node.jobs import enqueue, settle_in
 from node.outputs.fhir_report import build_report_resources
 from node.outputs.sc import build_heatmap_captures
 from node.outputs.sr import build_sr
@@ -49,6 +50,7 @@ def run(ctx: NodeContext, job: Job) -> None:
             .limit(1)
         ).all()
         calling_ae, study_key, version = study.calling_ae, (study.calling_ae, study.study_uid), study.version
+        earlier_triage = ai_triage.previous(s, study.id)
 
     sources: list[tuple[Dataset, object]] = []
     for sop_uid, item in payload.items():
@@ -73,6 +75,10 @@ def run(ctx: NodeContext, job: Job) -> None:
         written.append((kind, obj, path))
 
     facts = StudyFacts.from_datasets([ds for ds, _ in sources])
+    # Critical findings raise priority; an earlier STAT is never lowered.
+    triage = ai_triage.never_lower(
+        earlier_triage, ai_triage.assess(ctx.settings.triage, [f for _, r in sources for f in r.findings])
+    )
     resources = build_report_resources(
         facts,
         {ds.SOPInstanceUID: list(r.findings) for ds, r in sources},
@@ -82,9 +88,11 @@ def run(ctx: NodeContext, job: Job) -> None:
         issued=dt.datetime.now(dt.timezone.utc),
         patient_system=ctx.settings.api.patient_identifier_system,
         calling_ae=calling_ae,
+        triage=triage,
     )
 
     with ctx.db.session() as s:
+        settle_in(s, job)  # outputs, FHIR versions and job completion commit together
         study = s.get(Study, job.study_id)
         if study.version != job.study_version:
             return
@@ -96,6 +104,7 @@ def run(ctx: NodeContext, job: Job) -> None:
             row.version, row.kind, row.path = version, kind, str(path)
             row.sop_class_uid, row.series_uid = str(obj.SOPClassUID), str(obj.SeriesInstanceUID)
         save_resources(s, resources, study.id)
+        ai_triage.record(s, study.id, version, triage)
         study.state = "done"
         study.reason = ""
         for destination in ctx.settings.destinations:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from inference import DecodeError, DecodedImage, decode_dicom, result_to_json
 from node.context import NodeContext
 from node.db import Instance, Job, Result, Study
-from node.jobs import enqueue
+from node.jobs import enqueue, settle_in
 from node.routing import exclusion
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,13 @@ def run(ctx: NodeContext, job: Job) -> None:
     scoreable = [a for a in assessed if a.image is not None]
     results = []
     if scoreable:
-        with ctx.engine_lock:
-            results = ctx.engine.predict([a.image for a in scoreable])
+        # No lock: ctx.engine is the batching worker, which merges this study's
+        # images with other workers' and API calls' into shared batches, and
+        # returns all of one call's results from the same model.
+        results = ctx.engine.predict([a.image for a in scoreable])
 
     with ctx.db.session() as s:
+        settle_in(s, job)  # results and job completion commit together
         study = s.get(Study, job.study_id)
         if study.version != job.study_version:
             return

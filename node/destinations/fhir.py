@@ -1,0 +1,209 @@
+"""FHIR destinations: POST each report version to `base_url` as a transaction Bundle.
+
+Re-sending never duplicates, because every entry is conditional and keyed on
+a business identifier (FHIR R4 http.html#cond-update, #ccreate):
+
+| resource          | request                                                     |
+|-------------------|-------------------------------------------------------------|
+| DiagnosticReport  | PUT DiagnosticReport?identifier=urn:ietf:rfc:3986|urn:uuid:<id> |
+| Observation (x14) | PUT Observation?identifier=urn:ietf:rfc:3986|urn:uuid:<id>      |
+| Device            | POST, ifNoneExist identifier=urn:dicom:uid|urn:oid:<Device UID> |
+| ImagingStudy      | POST, ifNoneExist identifier=urn:dicom:uid|urn:oid:<Study UID>  |
+| Patient (opt-in)  | POST, ifNoneExist identifier=<patient system>|<PatientID>        |
+| Provenance        | PUT Provenance/<id> (R4 Provenance has no identifier; the id is |
+|                   | deterministic per AI run, so this is an idempotent upsert)     |
+
+The report and observations are updated in place on a re-run (amended), the
+device and imaging study are only created when the server has none: the PACS
+or EHR may already hold a richer ImagingStudy, which Carina must not overwrite.
+Entries reference each other by `urn:uuid:<Carina id>` fullUrls, which the
+server rewrites to whatever ids it assigns or matches. The patient is a
+logical reference (subject.identifier) unless `send_patient` is set.
+
+Errors: 5xx, 408, 429, timeouts and connection failures retry with backoff;
+any other 4xx (and a 2xx response whose entries did not all succeed) goes to
+dead-letter with the server's OperationOutcome text. Secrets come from the
+environment variables the configuration names, never from the file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from urllib.parse import quote
+
+import httpx
+
+from node.config import FhirDestination
+from node.context import NodeContext
+from node.db import Job
+from node.destinations.report import current_study, load_report
+from node.jobs import PermanentError, RetryableError
+from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 429}
+FHIR_JSON = "application/fhir+json"
+
+
+def send(ctx: NodeContext, job: Job, destination: FhirDestination) -> None:
+    study = current_study(ctx, job)
+    if study is None:
+        log.info("FHIR delivery to %s skipped: study id %d v%d was superseded", destination.name, job.study_id,
+                 job.study_version)
+        return
+    stored = load_report(ctx, study)
+    if stored is None:
+        raise PermanentError(f"{destination.name}: no FHIR report stored for study id {job.study_id}")
+    bundle = transaction_bundle(stored.resources, send_patient=destination.send_patient)
+    headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **auth_headers(destination)}
+    auth = None
+    if destination.auth is not None and destination.auth.type == "basic":
+        auth = httpx.BasicAuth(destination.auth.username, _secret(destination, destination.auth.password_env))
+    try:
+        with httpx.Client(timeout=destination.timeout_seconds, verify=destination.verify_tls) as client:
+            response = client.post(destination.base_url, content=json.dumps(bundle).encode(), headers=headers,
+                                   auth=auth)
+    except httpx.TimeoutException as exc:
+        raise RetryableError(f"{destination.name}: timed out after {destination.timeout_seconds}s ({exc})") from exc
+    except httpx.HTTPError as exc:
+        raise RetryableError(f"{destination.name}: {type(exc).__name__}: {exc}") from exc
+    check_response(destination.name, response)
+    log.info("FHIR transaction of %d entries accepted by %s (study id %d v%d, report %s)",
+             len(bundle["entry"]), destination.name, job.study_id, job.study_version, stored.report["id"])
+
+
+def auth_headers(destination: FhirDestination) -> dict:
+    if destination.auth is not None and destination.auth.type == "bearer":
+        return {"Authorization": f"Bearer {_secret(destination, destination.auth.token_env)}"}
+    return {}
+
+
+def _secret(destination: FhirDestination, variable: str) -> str:
+    value = os.environ.get(variable, "")
+    if not value:
+        # Retrying cannot help until an operator sets it; `carina jobs retry` then resends.
+        raise PermanentError(f"{destination.name}: environment variable {variable} (the credential) is not set")
+    return value
+
+
+def check_response(name: str, response: httpx.Response) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        failed = _failed_entries(response)
+        if failed:
+            raise PermanentError(f"{name} accepted the transaction but not every entry: {failed}")
+        return
+    text = f"{name} answered HTTP {status}: {outcome_text(response)}"
+    if status >= 500 or status in RETRYABLE_STATUS:
+        raise RetryableError(text)
+    raise PermanentError(text)
+
+
+def _failed_entries(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""  # some servers answer a transaction with an empty 200; nothing to check
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+        return ""
+    bad = []
+    for entry in body.get("entry", []):
+        status = str((entry.get("response") or {}).get("status", ""))
+        if status and not status.startswith("2"):
+            bad.append(f"{status}: {_outcome_diagnostics((entry.get('response') or {}).get('outcome'))}")
+    return "; ".join(bad)
+
+
+def outcome_text(response: httpx.Response) -> str:
+    """The OperationOutcome's diagnostics/details, else the start of the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    text = _outcome_diagnostics(body) if isinstance(body, dict) else ""
+    return text or json.dumps(body)[:500]
+
+
+def _outcome_diagnostics(outcome) -> str:
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
+        return ""
+    parts = []
+    for issue in outcome.get("issue", []):
+        detail = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
+        parts.append(f"{issue.get('severity', '?')}/{issue.get('code', '?')}: {detail}".rstrip(": "))
+    return "; ".join(parts)
+
+
+# --- the Bundle -------------------------------------------------------------------------
+
+def _query(system: str, value: str) -> str:
+    # FHIR token syntax system|value; the '|' and ':' stay readable, the rest is escaped.
+    return "identifier=" + quote(f"{system}|{value}", safe=":|/")
+
+
+def _identifier(resource: dict, system: str) -> str | None:
+    for identifier in resource.get("identifier") or []:
+        if identifier.get("system") == system and identifier.get("value"):
+            return identifier["value"]
+    return None
+
+
+def _rewrite_references(node, local: dict[str, str]):
+    """Replace `Type/id` references to resources in the Bundle with their urn:uuid fullUrls."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and value in local:
+                out[key] = local[value]
+            else:
+                out[key] = _rewrite_references(value, local)
+        return out
+    if isinstance(node, list):
+        return [_rewrite_references(v, local) for v in node]
+    return node
+
+
+def transaction_bundle(resources: list[dict], *, send_patient: bool = False) -> dict:
+    """The transaction Bundle for one report (see the module docstring for the requests)."""
+    included = [r for r in resources if r["resourceType"] != "Patient" or send_patient]
+    local = {f"{r['resourceType']}/{r['id']}": f"urn:uuid:{r['id']}" for r in included}
+    entries = []
+    for resource in included:
+        rtype, rid = resource["resourceType"], resource["id"]
+        body = copy.deepcopy(resource)
+        # Security labels (AIAST) and tags travel; versionId/lastUpdated are the server's.
+        meta = {k: v for k, v in (body.pop("meta", None) or {}).items() if k in ("security", "tag", "profile")}
+        if meta:
+            body["meta"] = meta
+        if not send_patient:
+            _drop_patient_reference(body)
+        body = _rewrite_references(body, local)
+        if rtype in ("DiagnosticReport", "Observation"):
+            key = _identifier(resource, URI_SYSTEM)
+            body.pop("id", None)  # conditional update: the server's match decides the id
+            request = {"method": "PUT", "url": f"{rtype}?{_query(URI_SYSTEM, key)}"}
+        elif rtype in ("Device", "ImagingStudy"):
+            key = _identifier(resource, DICOM_UID_SYSTEM)
+            body.pop("id", None)
+            request = {"method": "POST", "url": rtype, "ifNoneExist": _query(DICOM_UID_SYSTEM, key)}
+        elif rtype == "Patient":
+            ident = resource["identifier"][0]
+            body.pop("id", None)
+            request = {"method": "POST", "url": "Patient", "ifNoneExist": _query(ident["system"], ident["value"])}
+        elif rtype == "Provenance":
+            request = {"method": "PUT", "url": f"Provenance/{rid}"}
+        else:
+            raise ValueError(f"no push rule for {rtype}")
+        entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": body, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _drop_patient_reference(body: dict) -> None:
+    """Keep only the logical identifier: the EHR resolves its own patient."""
+    for key in ("subject", "patient"):
+        ref = body.get(key)
+        if isinstance(ref, dict) and ref.get("reference", "").startswith("Patient/") and ref.get("identifier"):
+            ref.pop("reference")

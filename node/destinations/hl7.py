@@ -1,0 +1,155 @@
+"""HL7 v2 destinations: send the ORU^R01 over MLLP and act on the ACK.
+
+Original-mode acknowledgment (HL7 v2.5.1 chapter 2): one message per
+exchange, and the sender waits for the receiver's ACK on the same connection.
+
+| ACK (MSA-1)            | outcome                                          |
+|------------------------|--------------------------------------------------|
+| AA (or CA)             | delivered                                        |
+| AE (or CE)             | retry with backoff (the receiver had an error)   |
+| AR (or CR)             | dead-letter with MSA-3 / ERR text (rejected)     |
+| no ACK in time, refused or broken connection, MSA-2 not ours | retry  |
+
+A retry resends the same message with the same MSH-10, so a receiver that
+did process the first copy can recognise the duplicate.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from node.config import Hl7Destination
+from node.context import NodeContext
+from node.db import Job
+from node.destinations.report import current_study, hl7_inputs, load_report
+from node.er7 import Er7Message
+from node.jobs import PermanentError, RetryableError
+from node.outputs.hl7_oru import OrderContext, OruHeader, build_oru, encode, hd_from_system
+
+log = logging.getLogger(__name__)
+
+START, END = b"\x0b", b"\x1c\x0d"
+MAX_ACK_BYTES = 1 << 20
+
+
+class MllpError(Exception):
+    """The exchange failed below the HL7 level (connection, framing, timeout)."""
+
+
+def exchange(host: str, port: int, payload: bytes, *, connect_timeout: float, ack_timeout: float) -> bytes:
+    """Send one MLLP-framed message and return the reply's payload (unframed)."""
+    try:
+        with socket.create_connection((host, port), timeout=connect_timeout) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(START + payload + END)
+            deadline = time.monotonic() + ack_timeout
+            buffer = b""
+            while END not in buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MllpError(f"no ACK within {ack_timeout:g}s")
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise MllpError("connection closed before a complete ACK")
+                buffer += chunk
+                if len(buffer) > MAX_ACK_BYTES:
+                    raise MllpError("ACK larger than 1 MiB")
+    except socket.timeout as exc:
+        raise MllpError(f"no ACK within {ack_timeout:g}s") from exc
+    except OSError as exc:
+        raise MllpError(f"{type(exc).__name__}: {exc}") from exc
+    start = buffer.find(START)
+    if start < 0:
+        raise MllpError("reply is not MLLP framed (no start block)")
+    return buffer[start + 1 : buffer.index(END, start)]
+
+
+@dataclass(frozen=True)
+class Ack:
+    code: str  # MSA-1
+    control_id: str  # MSA-2
+    text: str  # MSA-3, else ERR user message / diagnostic
+
+
+def parse_ack(payload: str) -> Ack:
+    """Read MSA (and ERR) from any v2 version's ACK."""
+    message = Er7Message.parse(payload)
+    if not message.has("MSA"):
+        raise ValueError("reply has no MSA segment")
+    texts = [message.get("MSA", 3)] if message.get("MSA", 3) else []
+    for index in range(sum(1 for seg in message.segments if seg[0] == "ERR")):
+        # v2.5+: ERR-8 user message, ERR-7 diagnostics, ERR-3 error code (CWE text); v2.3: ERR-1.
+        for field, component in ((8, 0), (7, 0), (3, 2), (3, 1), (1, 0)):
+            text = message.get("ERR", field, component, occurrence=index)
+            if text:
+                texts.append(text.replace(message.component_sep, " "))
+                break
+    return Ack(code=message.get("MSA", 1).strip().upper(), control_id=message.get("MSA", 2).strip(),
+               text=" | ".join(texts))
+
+
+def send(ctx: NodeContext, job: Job, destination: Hl7Destination) -> None:
+    study = current_study(ctx, job)
+    if study is None:
+        log.info("HL7 delivery to %s skipped: study id %d v%d was superseded", destination.name, job.study_id,
+                 job.study_version)
+        return
+    stored = load_report(ctx, study)
+    if stored is None:
+        raise PermanentError(f"{destination.name}: no report stored for study id {job.study_id}")
+    inputs = hl7_inputs(ctx, study, stored)
+    order = inputs.order
+    message = build_oru(
+        inputs.facts,
+        inputs.findings_by_image,
+        inputs.model,
+        study_version=study.version,
+        status=inputs.status,
+        issued=inputs.issued,
+        calling_ae=study.calling_ae,
+        header=OruHeader(
+            sending_application=destination.sending_application,
+            sending_facility=destination.sending_facility,
+            receiving_application=destination.receiving_application,
+            receiving_facility=destination.receiving_facility,
+            processing_id=destination.processing_id,
+        ),
+        patient_authority=destination.patient_id_authority
+        or hd_from_system(ctx.settings.api.patient_identifier_system),
+        triage=inputs.triage,
+        order=OrderContext(
+            placer_order_number=order.placer_order_number if order else "",
+            filler_order_number=order.filler_order_number if order else "",
+            procedure_code=order.procedure_code if order else "",
+            procedure_text=order.procedure_text if order else "",
+            procedure_system=order.procedure_system if order else "",
+            patient_class=inputs.patient_class,
+        ),
+    )
+    control_id = str(message.msh.msh_10.value)
+    try:
+        reply = exchange(
+            destination.host, destination.port, encode(message).encode("utf-8"),
+            connect_timeout=destination.connect_timeout_seconds, ack_timeout=destination.ack_timeout_seconds,
+        )
+    except MllpError as exc:
+        raise RetryableError(f"{destination.name} ({destination.host}:{destination.port}): {exc}") from exc
+    try:
+        ack = parse_ack(reply.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise RetryableError(f"{destination.name}: unreadable ACK ({exc})") from exc
+    if ack.control_id and ack.control_id != control_id:
+        raise RetryableError(f"{destination.name}: ACK is for message {ack.control_id!r}, not {control_id!r}")
+    detail = f"MSA-1 {ack.code}" + (f": {ack.text}" if ack.text else "")
+    if ack.code in ("AA", "CA"):
+        log.info("ORU %s accepted by %s (study id %d v%d)", control_id, destination.name, job.study_id,
+                 job.study_version)
+        return
+    if ack.code in ("AR", "CR"):
+        raise PermanentError(f"{destination.name} rejected ORU {control_id}: {detail}")
+    if ack.code in ("AE", "CE"):
+        raise RetryableError(f"{destination.name} could not process ORU {control_id}: {detail}")
+    raise RetryableError(f"{destination.name}: unknown acknowledgment code in ORU {control_id} ACK: {detail}")

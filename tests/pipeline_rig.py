@@ -1,0 +1,141 @@
+"""Drive Carina's real encode and deliver stages without a model.
+
+A study is stored the way the SCP and infer stage leave it (instance file,
+Study/Instance rows, a Result row in the real serialized format) with
+findings the test chooses, so triage and delivery can be tested for a
+critical and a normal study in seconds. Then the real `encode` stage runs and
+the real worker (`node.worker.run_one`) claims and settles the deliver jobs,
+retries and dead-letters included.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from dicom_factory import make_dx, write
+from inference import decode_dicom
+from inference.serialize import result_to_json
+from inference.types import CHESTXRAY14, Finding, Heatmaps, ImageResult, ModelInfo, Region
+from node.config import Settings
+from node.context import NodeContext
+from node.db import Database, Instance, Job, Result, Study, now
+from node.jobs import enqueue
+from node.worker import run_one
+
+DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
+PATIENT_SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1249.1"
+
+
+def image_result(ds, positives: dict[str, float], model: ModelInfo = DEMO) -> ImageResult:
+    """14 findings (threshold 0.5); each positive gets a box region and a hot map patch."""
+    image = decode_dicom(ds)
+    rows, cols = image.source_shape
+    maps = np.zeros((14, 7, 7), dtype=np.float32)
+    findings = []
+    for index, label in enumerate(CHESTXRAY14):
+        probability = positives.get(label, round(0.05 + 0.01 * index, 2))
+        positive = probability >= 0.5
+        regions: tuple[Region, ...] = ()
+        if positive:
+            maps[index, 2:5, 2:4] = 1.0
+            x0, y0, w, h = cols * 0.25, rows * 0.3, cols * 0.2, rows * 0.15
+            polygon = np.array([[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h], [x0, y0]])
+            regions = (Region(polygon, (int(x0), int(y0), int(x0 + w) + 1, int(y0 + h) + 1), int(w * h)),)
+        findings.append(Finding(label, probability, 0.5, positive, regions))
+    side = min(rows, cols)
+    heatmaps = Heatmaps(maps=maps, crop=((rows - side) // 2, (cols - side) // 2, side), source_shape=(rows, cols))
+    return ImageResult(findings=tuple(findings), heatmaps=heatmaps, image=image, model=model)
+
+
+class PipelineRig:
+    def __init__(self, workdir: Path, *, destinations: list[dict] | None = None, **sections):
+        self.workdir = Path(workdir)
+        config = {
+            "storage": {"data_dir": str(self.workdir / "var"), "min_free_mb": 0},
+            "pipeline": {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2, "max_attempts": 4,
+                         "poll_seconds": 0.05},
+            "destinations": destinations or [],
+            **sections,
+        }
+        self.settings = Settings(**config)
+        self.db = Database(self.settings.database_url)
+        self.db.create_schema()
+        self.ctx = NodeContext(self.settings, self.db)
+        for d in (self.ctx.instances_dir, self.ctx.outputs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.pixels = np.tile(np.linspace(20, 230, 64, dtype=np.uint8), (64, 1))
+
+    def add_study(self, positives: dict[str, float], *, calling_ae: str = "MODALITY", ds=None, **dx) -> tuple[int, object]:
+        """A received, scored study (version 1); returns (study id, source dataset)."""
+        ds = ds if ds is not None else make_dx(self.pixels, **dx)
+        path = write(ds, self.ctx.instances_dir / f"{ds.SOPInstanceUID}.dcm")
+        with self.db.session() as s:
+            study = Study(calling_ae=calling_ae, study_uid=str(ds.StudyInstanceUID), patient_id=str(ds.PatientID),
+                          accession_number=str(ds.AccessionNumber), state="processing", version=1,
+                          completed_at=now())
+            s.add(study)
+            s.flush()
+            s.add(Instance(study_id=study.id, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                           series_uid=str(ds.SeriesInstanceUID), path=str(path), state="scored"))
+            self._result(s, study.id, 1, ds, positives)
+            study_id = study.id
+        return study_id, ds
+
+    def rescore(self, study_id: int, ds, positives: dict[str, float]) -> int:
+        """A re-run (e.g. after a late instance): the next version with new findings."""
+        with self.db.session() as s:
+            study = s.get(Study, study_id)
+            study.version += 1
+            study.state = "processing"
+            self._result(s, study_id, study.version, ds, positives)
+            return study.version
+
+    def _result(self, s, study_id: int, version: int, ds, positives: dict[str, float]) -> None:
+        result = image_result(ds, positives)
+        s.add(Result(study_id=study_id, version=version, model_name=DEMO.name, model_version=DEMO.version,
+                     demo=DEMO.demo, findings_json=json.dumps({str(ds.SOPInstanceUID): result_to_json(result)})))
+
+    def encode(self, study_id: int, timeout: float = 60.0) -> None:
+        """Run the real encode stage, claimed by the real worker, for the study's current
+        version; it stores the outputs and FHIR resources and enqueues the deliver jobs."""
+        with self.db.session() as s:
+            version = s.get(Study, study_id).version
+            enqueue(s, study_id, "encode", version)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.db.session() as s:
+                job = s.scalar(select(Job).where(Job.study_id == study_id, Job.stage == "encode",
+                                                 Job.study_version == version))
+                state, error = job.state, job.last_error
+            if state in ("done", "dead"):
+                assert state == "done", error
+                return
+            run_one(self.ctx, "test-worker")
+        raise AssertionError("encode did not finish")
+
+    def deliveries(self, study_id: int) -> dict[str, Job]:
+        """Latest deliver job per destination."""
+        with self.db.session() as s:
+            jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.stage == "deliver").order_by(Job.id)).all()
+            for job in jobs:
+                s.expunge(job)
+        return {job.destination: job for job in jobs}
+
+    def run_deliveries(self, study_id: int, timeout: float = 30.0) -> dict[str, Job]:
+        """Run the worker until every deliver job of the study is done or dead."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            jobs = self.deliveries(study_id)
+            if jobs and all(j.state in ("done", "dead") for j in jobs.values()):
+                return jobs
+            if not run_one(self.ctx, "test-worker"):
+                time.sleep(0.05)  # a retry is waiting for its backoff
+        raise AssertionError(f"deliveries not settled after {timeout}s: "
+                             f"{[(j.destination, j.state, j.last_error) for j in self.deliveries(study_id).values()]}")
+
+    def close(self) -> None:
+        self.db.dispose()
