@@ -26,6 +26,7 @@ import torchxrayvision as xrv
 from torch import nn
 
 from inference.preprocess import INPUT_SIZE
+from inference.hashing import file_sha256
 from inference.types import CHESTXRAY14, ModelInfo
 
 MODEL_NAME = "densenet121-res224-all"
@@ -185,7 +186,7 @@ def write_weights(state: dict[str, torch.Tensor], meta: dict, path: str | os.Pat
         "architecture": MODEL_NAME,
         "pathologies": list(PATHOLOGIES),
         **meta,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
     }
     sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
     for p in (path, sidecar_path(path)):
@@ -356,13 +357,6 @@ def _read_safetensors(path: Path) -> tuple[dict, ModelInfo, tuple[float, ...]]:
         raise WeightsError(f"{path} is not a valid safetensors file: {exc}") from exc
     return state, info, thresholds
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _architecture() -> nn.Module:

@@ -21,7 +21,6 @@ flagged `demo: true` (non-clinical) in its sidecar and everywhere it is used.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dicom_scp.durable import fsync_dir
+from inference.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ class ModelRegistry:
 
     def verify(self, entry: ModelEntry) -> None:
         """The weights file still has the SHA-256 its sidecar recorded."""
-        digest = _sha256(entry.weights)
+        digest = file_sha256(entry.weights)
         if digest != entry.meta.get("sha256"):
             raise RegistryError(f"{entry.weights} has SHA-256 {digest}, its sidecar says {entry.meta.get('sha256')}; "
                                 "the file is damaged: re-import it")
@@ -222,7 +224,7 @@ class ModelRegistry:
             if final.exists():
                 raise FileExistsError(f"{final} appeared while importing") from exc
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def _write_active(self, ref: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -236,7 +238,7 @@ class ModelRegistry:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
 
 # --- the running node's model -----------------------------------------------------------------
@@ -366,7 +368,7 @@ class ModelManager:
         path = default_weights_path()
         if not path.is_file():
             return
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if any(e.meta.get("source_sha256") == digest for e in self.registry.entries()):
             return
         log.warning(
@@ -377,17 +379,3 @@ class ModelManager:
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

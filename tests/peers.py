@@ -353,3 +353,25 @@ def send_raw(port: int, items: list[tuple[Path, str, str]], *, called_ae: str = 
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
     return results
+
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def node_with_pacs(workdir: Path, *, start: bool = True, **node_kwargs):
+    """A real Orthanc and a `carina serve` delivering to it; both stopped on exit."""
+    pacs = Orthanc(Path(workdir) / "orthanc").start()
+    node = CarinaNode(
+        Path(workdir) / "carina",
+        destinations=[{"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
+        **node_kwargs,
+    )
+    try:
+        node.create_token()
+        if start:
+            node.start()
+        yield node, pacs
+    finally:
+        node.stop()
+        pacs.stop()

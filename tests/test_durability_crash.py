@@ -23,21 +23,20 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
 from dicom_factory import make_dx, small_chest_pixels, write
 from peers import (
     CarinaNode,
-    Orthanc,
     carina_db_rows,
     carina_outputs_in_orthanc,
     dcmsend,
+    node_with_pacs,
     positives,
     store_responses,
     storescu,
     study_state,
     wait_until,
 )
+from pydicom import dcmread
 
 log = logging.getLogger(__name__)
 
@@ -76,19 +75,9 @@ def push(node: CarinaNode, path: Path) -> str:
 
 @pytest.fixture
 def crash_rig(tmp_path):
-    pacs = Orthanc(tmp_path / "orthanc").start()
-    node = CarinaNode(
-        tmp_path / "carina",
-        destinations=[{"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
-        stable_seconds=1.0,
-        extra={"pipeline": {"lease_seconds": 5, "poll_seconds": 0.1, "workers": 2}},
-    )
-    node.create_token()
-    try:
+    pipeline = {"lease_seconds": 5, "poll_seconds": 0.1, "workers": 2}
+    with node_with_pacs(tmp_path, start=False, stable_seconds=1.0, extra={"pipeline": pipeline}) as (node, pacs):
         yield node, pacs, tmp_path
-    finally:
-        node.stop()
-        pacs.stop()
 
 
 def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(crash_rig):

@@ -4,7 +4,14 @@ keeps nothing, and stays up (C-ECHO). tests/test_scp.py covers the SCP itself.""
 from __future__ import annotations
 
 from dicom_factory import make_dx, small_chest_pixels, write
-from peers import CarinaNode, carina_db_rows, echoscu, store_responses, storescu, wait_until
+from peers import (
+    CarinaNode,
+    carina_db_rows,
+    echoscu,
+    store_responses,
+    storescu,
+    wait_until,
+)
 
 
 def test_node_below_its_disk_floor_answers_out_of_resources_and_stays_up(tmp_path):

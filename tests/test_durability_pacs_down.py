@@ -11,30 +11,25 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from dicom_factory import make_dx, small_chest_pixels, write
-from peers import CarinaNode, Orthanc, carina_outputs_in_orthanc, positives, storescu, study_state, wait_until
+from peers import (
+    carina_outputs_in_orthanc,
+    node_with_pacs,
+    positives,
+    storescu,
+    study_state,
+    wait_until,
+)
 
 STUDIES = 4
 
 
 @pytest.fixture
 def rig(tmp_path):
-    pacs = Orthanc(tmp_path / "orthanc").start()
-    node = CarinaNode(
-        tmp_path / "carina",
-        destinations=[{"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
-        stable_seconds=1.0,
-        # Fast backoff, and enough attempts that a minute's outage cannot dead-letter.
-        extra={"pipeline": {"backoff_base_seconds": 0.5, "backoff_max_seconds": 2, "max_attempts": 200}},
-    )
-    node.create_token()
-    node.start()
-    try:
+    # Fast backoff, and enough attempts that a minute's outage cannot dead-letter.
+    pipeline = {"backoff_base_seconds": 0.5, "backoff_max_seconds": 2, "max_attempts": 200}
+    with node_with_pacs(tmp_path, stable_seconds=1.0, extra={"pipeline": pipeline}) as (node, pacs):
         yield node, pacs, tmp_path
-    finally:
-        node.stop()
-        pacs.stop()
 
 
 def test_outputs_wait_for_a_down_pacs_and_arrive_once_when_it_returns(rig):

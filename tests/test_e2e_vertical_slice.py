@@ -7,12 +7,19 @@ the DiagnosticReport with the fhirpy client library.
 from __future__ import annotations
 
 import pytest
+from dicom_factory import SIIM_MONO1, make_dx, write
 from fhirpy import SyncFHIRClient
+from peers import (
+    Orthanc,
+    dciodvfy_errors,
+    dsrdump,
+    node_with_pacs,
+    storescu,
+    wait_until,
+)
 from pydicom import dcmread
 
-from dicom_factory import SIIM_MONO1, make_dx, write
 from inference.types import CHESTXRAY14, DEMO_WARNING
-from peers import CarinaNode, Orthanc, dciodvfy_errors, dsrdump, storescu, wait_until
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -21,26 +28,15 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
-    pacs = Orthanc(work / "orthanc").start()
-    node = CarinaNode(
-        work / "carina",
-        destinations=[{"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
-    )
-    node.create_token()
-    node.start()
-    dx = make_dx(patient_id="E2E-DX-16", accession="E2E0001")
-    dx_path = write(dx, work / "dx16.dcm")
-    cr = dcmread(SIIM_MONO1)
-    sent = storescu(node.dicom_port, SIIM_MONO1, extra=("-xy",))  # propose JPEG baseline, as the file is
-    assert sent.returncode == 0, sent.stdout + sent.stderr
-    sent = storescu(node.dicom_port, dx_path)
-    assert sent.returncode == 0, sent.stdout + sent.stderr
-    studies = {"cr": cr, "dx": dx}
-    try:
-        yield node, pacs, studies, work
-    finally:
-        node.stop()
-        pacs.stop()
+    with node_with_pacs(work) as (node, pacs):
+        dx = make_dx(patient_id="E2E-DX-16", accession="E2E0001")
+        dx_path = write(dx, work / "dx16.dcm")
+        cr = dcmread(SIIM_MONO1)
+        sent = storescu(node.dicom_port, SIIM_MONO1, extra=("-xy",))  # propose JPEG baseline, as the file is
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        sent = storescu(node.dicom_port, dx_path)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        yield node, pacs, {"cr": cr, "dx": dx}, work
 
 
 def _sop_class(pacs: Orthanc, instance: dict) -> str:
@@ -127,9 +123,8 @@ def test_api_requires_a_token_and_shows_study_state(loop):
 
 def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
     """The operator UI in Debian's Chromium (Playwright drives it; no browser download)."""
-    from playwright.sync_api import expect, sync_playwright
-
     from peers import require_tool
+    from playwright.sync_api import expect, sync_playwright
 
     node, _, studies, _ = loop
     dx_uid = studies["dx"].StudyInstanceUID

@@ -8,39 +8,29 @@
 from __future__ import annotations
 
 import pytest
-from pydicom import dcmread
-
 from dicom_factory import make_dx, small_chest_pixels, write
-from node.outputs.fhir_report import report_id
 from peers import (
     CarinaNode,
     Orthanc,
     carina_outputs_in_orthanc,
     dciodvfy_errors,
+    node_with_pacs,
     orthanc_study_series,
     positives,
     storescu,
     study_state,
     wait_until,
 )
+from pydicom import dcmread
+
+from node.outputs.fhir_report import report_id
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     work = tmp_path_factory.mktemp("late")
-    pacs = Orthanc(work / "orthanc").start()
-    node = CarinaNode(
-        work / "carina",
-        destinations=[{"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
-        stable_seconds=1.0,
-    )
-    node.create_token()
-    node.start()
-    try:
+    with node_with_pacs(work, stable_seconds=1.0) as (node, pacs):
         yield node, pacs, work
-    finally:
-        node.stop()
-        pacs.stop()
 
 
 def delivered(node: CarinaNode, study_uid: str, version: int, calling_ae: str | None = None) -> dict:

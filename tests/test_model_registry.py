@@ -22,7 +22,7 @@ from model_factory import state_digest, write_xrv_pickle
 from node import cli
 from node.config import ConfigError, Settings, load_settings
 from node.context import NodeContext
-from node.models import ModelManager, ModelRegistry, RegistryError
+from node.models import ModelManager, ModelRegistry
 from node.outputs.equipment import device_uid
 
 DEMO_REF = f"{MODEL_NAME}@demo-seed0"

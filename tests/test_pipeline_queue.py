@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from dicom_scp.scp import ReceivedInstance
 from node.completion import complete_quiet_studies
-from node.db import Database, Job, Study, now
+from node.db import Job, Study, now
 from node.jobs import Backoff, claim, enqueue, fail, requeue_dead, succeed
 from node.receiver import record_instance
 

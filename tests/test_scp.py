@@ -15,7 +15,7 @@ from dicom_scp.scp import StorageSCP, instance_path, safe_path_component
 from dicom_scp.sockets import _set_nodelay
 from dicom_scp.contexts import decodable_transfer_syntaxes
 from dicom_factory import SIIM_MONO1, make_dx, write
-from node.db import Database, Instance, Study
+from node.db import Instance, Study
 from node.receiver import NOT_CHEST, record_instance
 from peers import free_port, require_tool, store_responses, storescu
 

@@ -38,7 +38,7 @@ import httpx
 from node.config import FhirDestination
 from node.context import NodeContext
 from node.db import Job
-from node.destinations.report import current_study, load_report
+from node.destinations.report import report_to_send
 from node.jobs import PermanentError, RetryableError
 from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM
 
@@ -49,14 +49,10 @@ FHIR_JSON = "application/fhir+json"
 
 
 def send(ctx: NodeContext, job: Job, destination: FhirDestination) -> None:
-    study = current_study(ctx, job)
-    if study is None:
-        log.info("FHIR delivery to %s skipped: study id %d v%d was superseded", destination.name, job.study_id,
-                 job.study_version)
+    found = report_to_send(ctx, job, destination.name)
+    if found is None:
         return
-    stored = load_report(ctx, study)
-    if stored is None:
-        raise PermanentError(f"{destination.name}: no FHIR report stored for study id {job.study_id}")
+    study, stored = found
     bundle = transaction_bundle(stored.resources, send_patient=destination.send_patient)
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **auth_headers(destination)}
     auth = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from node.config import Hl7Destination
 from node.context import NodeContext
 from node.db import Job
-from node.destinations.report import current_study, hl7_inputs, load_report
+from node.destinations.report import hl7_inputs, report_to_send
 from node.er7 import Er7Message
 from node.jobs import PermanentError, RetryableError
 from node.outputs.hl7_oru import OrderContext, OruHeader, build_oru, encode, hd_from_system
@@ -92,14 +92,10 @@ def parse_ack(payload: str) -> Ack:
 
 
 def send(ctx: NodeContext, job: Job, destination: Hl7Destination) -> None:
-    study = current_study(ctx, job)
-    if study is None:
-        log.info("HL7 delivery to %s skipped: study id %d v%d was superseded", destination.name, job.study_id,
-                 job.study_version)
+    found = report_to_send(ctx, job, destination.name)
+    if found is None:
         return
-    stored = load_report(ctx, study)
-    if stored is None:
-        raise PermanentError(f"{destination.name}: no report stored for study id {job.study_id}")
+    study, stored = found
     inputs = hl7_inputs(ctx, study, stored)
     order = inputs.order
     message = build_oru(

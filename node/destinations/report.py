@@ -21,6 +21,7 @@ from inference.types import Finding, ModelInfo
 from node import fhir_store
 from node.context import NodeContext
 from node.db import InboundOrder, InboundPatient, Instance, Job, Result, Study
+from node.jobs import PermanentError
 from node.outputs import fhir_report
 from node.outputs.study_facts import StudyFacts
 from node.triage import Triage
@@ -50,6 +51,21 @@ def current_study(ctx: NodeContext, job: Job) -> Study | None:
             return None
         s.expunge(study)
         return study
+
+
+def report_to_send(ctx: NodeContext, job: Job, destination: str) -> tuple[Study, StoredReport] | None:
+    """The study and its stored report for a deliver job; None when superseded.
+
+    A newer study version has its own deliver job, so sending this one would
+    only put an outdated report in front of the EHR."""
+    study = current_study(ctx, job)
+    if study is None:
+        log.info("delivery to %s skipped: study id %d v%d was superseded", destination, job.study_id, job.study_version)
+        return None
+    stored = load_report(ctx, study)
+    if stored is None:
+        raise PermanentError(f"{destination}: no report stored for study id {job.study_id}")
+    return study, stored
 
 
 def load_report(ctx: NodeContext, study: Study) -> StoredReport | None:
