@@ -10,10 +10,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES
 from dicom_scp.scp import ReceivedInstance
 from node.db import Database, Instance, Study, now
+from node.routing import NOT_CHEST
 
 log = logging.getLogger(__name__)
 
-NOT_CHEST = "ignored: not a chest radiograph"
 
 
 def record_instance(db: Database, received: ReceivedInstance, attempts: int = 3) -> None:

@@ -13,6 +13,9 @@ from pydicom.dataset import Dataset
 from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES, SECONDARY_CAPTURE
 from node.config import RoutingSettings
 
+# Also what the receiver records for non-chest SOP classes at C-STORE time.
+NOT_CHEST = "ignored: not a chest radiograph"
+
 LATERAL_VIEWS = {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"}
 
 
@@ -41,7 +44,7 @@ def exclusion(ds: Dataset, rules: RoutingSettings) -> str | None:
     """None when the image should be scored, else the rule that excludes it."""
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in CHEST_CAPABLE_SOP_CLASSES:
-        return "ignored: not a chest radiograph"
+        return NOT_CHEST
     body_part, modality, view = _text(ds, "BodyPartExamined"), _text(ds, "Modality"), _text(ds, "ViewPosition")
     if sop_class == SECONDARY_CAPTURE:
         # An SC's body part is judged by sc_body_parts alone (its Modality is
