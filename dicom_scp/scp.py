@@ -1,14 +1,23 @@
-"""The Storage SCP: receive, store durably, record, answer. Nothing more.
+"""The Storage SCP: receive, check the header, hand over, answer. Nothing more.
 
 The C-STORE response only leaves after the handler returns, so the handler's
 whole job is to make the instance survive a crash and be known to the
-database; decoding, routing and inference happen later in the pipeline.
+database: it streams the dataset to a temp file, reads the few header values
+the protocol needs, and passes the instance to the `accept` callback (the
+node's receiver), which stores it durably and commits its row. Decoding,
+routing and inference happen later in the pipeline.
+
+Status codes the C-STORE handler answers (PS3.4 Annex B.2.3):
+- 0x0000 success: the acceptor returned, so the instance is durable and recorded;
+- 0xA700 out of resources: the acceptor refused (disk floor) or failed (database);
+- 0xA900 dataset does not match SOP class: the header's SOP Class/Instance UIDs
+  differ from the request's;
+- 0xC000 cannot understand: unreadable dataset, or a UID longer than 64 characters;
+- 0xC210 (cannot understand, missing attribute): no StudyInstanceUID.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +29,6 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES, decodable_transfer_syntaxes, other_storage_classes
-from dicom_scp.durable import free_mb, move_durably
 from dicom_scp.sockets import NODELAY_HANDLER
 
 log = logging.getLogger(__name__)
@@ -40,7 +48,6 @@ _HEADER_TAGS = [
     "SeriesInstanceUID", "PatientID", "AccessionNumber", "Modality",
     "BodyPartExamined", "ViewPosition",
 ]
-_SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,16 @@ class ReceivedInstance:
     patient_id: str
     accession_number: str
     modality: str
-    path: Path
+    # The streamed dataset. pynetdicom unlinks it once the handler returns,
+    # so the acceptor must move it into place before returning.
+    temp_path: Path
     size_bytes: int
 
 
-class InstanceRecorder(Protocol):
+class InstanceAcceptor(Protocol):
     def __call__(self, instance: ReceivedInstance) -> None:
-        """Commit the instance durably to the database, or raise."""
+        """Store the instance durably and commit its record, or raise
+        (`Refusal` for a chosen status; anything else answers 0xA700)."""
 
 
 class Refusal(Exception):
@@ -69,18 +79,6 @@ class Refusal(Exception):
         super().__init__(comment)
         self.status = status
         self.comment = comment
-
-
-def safe_path_component(value: str) -> str:
-    # UIDs and AE titles come from the network; never let one become "../x".
-    value = value.strip()
-    if _SAFE_NAME.match(value) and value not in {".", ".."}:
-        return value
-    return "h" + hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:32]
-
-
-def instance_path(root: Path, calling_ae: str, study_uid: str, sop_uid: str) -> Path:
-    return root / safe_path_component(calling_ae) / safe_path_component(study_uid) / f"{safe_path_component(sop_uid)}.dcm"
 
 
 def _header_fields(path: Path) -> dict[str, str]:
@@ -110,16 +108,12 @@ class StorageSCP:
         ae_title: str,
         host: str,
         port: int,
-        instances_dir: Path,
-        record: InstanceRecorder,
-        min_free_mb: float = 0,
+        accept: InstanceAcceptor,
         max_associations: int = 10,
         allowed_calling_aets: list[str] | None = None,
         on_release: Callable[[str, list[str]], None] | None = None,
     ):
-        self.instances_dir = Path(instances_dir)
-        self.record = record
-        self.min_free_mb = min_free_mb
+        self.accept = accept
         self.on_release = on_release
         self.address = (host, port)
         self.ae = AE(ae_title=ae_title)
@@ -140,7 +134,6 @@ class StorageSCP:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
-        self.instances_dir.mkdir(parents=True, exist_ok=True)
         handlers = [
             NODELAY_HANDLER,
             (evt.EVT_C_STORE, self._on_store),
@@ -165,9 +158,8 @@ class StorageSCP:
         request = event.request
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         try:
-            self._check_disk()
-            received = self._store(event)
-            self.record(received)
+            received = self._received(event)
+            self.accept(received)
             self._remember(event, received.study_uid)
         except Refusal as refusal:
             log.warning("C-STORE %s refused: %s", sop_uid, refusal.comment)
@@ -196,11 +188,7 @@ class StorageSCP:
         with self._lock:
             self._studies_by_assoc.setdefault(id(event.assoc), set()).add(study_uid)
 
-    def _check_disk(self) -> None:
-        if self.min_free_mb and free_mb(self.instances_dir) < self.min_free_mb:
-            raise Refusal(OUT_OF_RESOURCES, "storage below configured free-space floor")
-
-    def _store(self, event: evt.Event) -> ReceivedInstance:
+    def _received(self, event: evt.Event) -> ReceivedInstance:
         request = event.request
         temp = Path(event.dataset_path)
         try:
@@ -220,13 +208,8 @@ class StorageSCP:
             # UI is at most 64 characters; the database keys on these.
             raise Refusal(CANNOT_UNDERSTAND, "invalid UID: longer than 64 characters")
 
-        calling_ae = event.assoc.requestor.ae_title
-        final = instance_path(self.instances_dir, calling_ae, study_uid, sop_uid)
-        size = temp.stat().st_size
-        move_durably(temp, final)
-
         return ReceivedInstance(
-            calling_ae=calling_ae,
+            calling_ae=event.assoc.requestor.ae_title,
             peer_address=str(event.assoc.requestor.address),
             sop_class_uid=sop_class,
             sop_instance_uid=sop_uid,
@@ -236,8 +219,8 @@ class StorageSCP:
             patient_id=fields["PatientID"],
             accession_number=fields["AccessionNumber"],
             modality=fields["Modality"],
-            path=final,
-            size_bytes=size,
+            temp_path=temp,
+            size_bytes=temp.stat().st_size,
         )
 
     @staticmethod

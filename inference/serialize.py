@@ -1,8 +1,9 @@
-"""ImageResult <-> JSON-ready dict, stored in the DB between the infer and encode stages.
+"""The model's typed results <-> JSON-ready dicts.
 
-Everything except the image pixels is kept (the encoder re-decodes the stored
-instance). Python floats print with repr, so float32 maps and float64
-probabilities survive `json.dumps`/`json.loads` bit for bit.
+`finding_*`, `heatmaps_*` and `model_*` are the pieces the node's scored-study
+codec (node/scored_study.py) is made of; `result_*` round-trips one whole
+ImageResult except its pixels. Python floats print with repr, so float32 maps
+and float64 probabilities survive `json.dumps`/`json.loads` bit for bit.
 """
 from __future__ import annotations
 
@@ -18,20 +19,9 @@ SCHEMA_VERSION = 1
 def result_to_json(result: ImageResult) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
-        "model": {
-            "name": result.model.name,
-            "version": result.model.version,
-            "demo": result.model.demo,
-            "weights_sha256": result.model.weights_sha256,
-            "source_sha256": result.model.source_sha256,
-        },
-        "findings": [_finding_to_json(f) for f in result.findings],
-        "heatmaps": {
-            "labels": list(CHESTXRAY14),
-            "maps": np.asarray(result.heatmaps.maps, dtype=np.float32).tolist(),
-            "crop": [int(v) for v in result.heatmaps.crop],
-            "source_shape": [int(v) for v in result.heatmaps.source_shape],
-        },
+        "model": model_to_json(result.model),
+        "findings": [finding_to_json(f) for f in result.findings],
+        "heatmaps": heatmaps_to_json(result.heatmaps),
         "timings_ms": {k: float(v) for k, v in result.timings_ms.items()},
     }
 
@@ -40,32 +30,58 @@ def result_from_json(data: dict[str, Any], image: DecodedImage) -> ImageResult:
     """Rebuild the result for `image`, the same instance decoded again."""
     if data.get("schema") != SCHEMA_VERSION:
         raise ValueError(f"unsupported result schema {data.get('schema')!r}, expected {SCHEMA_VERSION}")
-    hm = data["heatmaps"]
-    source_shape = tuple(int(v) for v in hm["source_shape"])
-    if source_shape != tuple(image.source_shape):
-        raise ValueError(f"result is for a {source_shape} image, given {tuple(image.source_shape)}")
-    heatmaps = Heatmaps(
-        maps=np.asarray(hm["maps"], dtype=np.float32),
-        crop=tuple(int(v) for v in hm["crop"]),
-        source_shape=source_shape,
-    )
-    model = data["model"]
+    heatmaps = heatmaps_from_json(data["heatmaps"])
+    if heatmaps.source_shape != tuple(image.source_shape):
+        raise ValueError(f"result is for a {heatmaps.source_shape} image, given {tuple(image.source_shape)}")
     return ImageResult(
-        findings=tuple(_finding_from_json(f) for f in data["findings"]),
+        findings=tuple(finding_from_json(f) for f in data["findings"]),
         heatmaps=heatmaps,
         image=image,
-        model=ModelInfo(
-            name=model["name"],
-            version=model["version"],
-            demo=bool(model["demo"]),
-            weights_sha256=model.get("weights_sha256"),
-            source_sha256=model.get("source_sha256"),
-        ),
+        model=model_from_json(data["model"]),
         timings_ms={k: float(v) for k, v in data.get("timings_ms", {}).items()},
     )
 
 
-def _finding_to_json(finding: Finding) -> dict[str, Any]:
+def model_to_json(model: ModelInfo) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "version": model.version,
+        "demo": model.demo,
+        "weights_sha256": model.weights_sha256,
+        "source_sha256": model.source_sha256,
+    }
+
+
+def model_from_json(data: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(
+        name=data["name"],
+        version=data["version"],
+        demo=bool(data["demo"]),
+        weights_sha256=data.get("weights_sha256"),
+        source_sha256=data.get("source_sha256"),
+    )
+
+
+def heatmaps_to_json(heatmaps: Heatmaps) -> dict[str, Any]:
+    return {
+        "labels": list(CHESTXRAY14),
+        "maps": np.asarray(heatmaps.maps, dtype=np.float32).tolist(),
+        "crop": [int(v) for v in heatmaps.crop],
+        "source_shape": [int(v) for v in heatmaps.source_shape],
+    }
+
+
+def heatmaps_from_json(data: dict[str, Any]) -> Heatmaps:
+    if data.get("labels", list(CHESTXRAY14)) != list(CHESTXRAY14):
+        raise ValueError("heatmaps are not for the 14 labels in CHESTXRAY14 order")
+    return Heatmaps(
+        maps=np.asarray(data["maps"], dtype=np.float32),
+        crop=tuple(int(v) for v in data["crop"]),
+        source_shape=tuple(int(v) for v in data["source_shape"]),
+    )
+
+
+def finding_to_json(finding: Finding) -> dict[str, Any]:
     return {
         "label": finding.label,
         "probability": float(finding.probability),
@@ -83,7 +99,7 @@ def _finding_to_json(finding: Finding) -> dict[str, Any]:
     }
 
 
-def _finding_from_json(data: dict[str, Any]) -> Finding:
+def finding_from_json(data: dict[str, Any]) -> Finding:
     return Finding(
         label=data["label"],
         probability=float(data["probability"]),

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from node.config import ConfigError, load_settings
+from node.states import JobState
 
 
 def _settings(args):
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("jobs", help="pipeline jobs").add_subparsers(dest="action", required=True)
     jl = jobs.add_parser("list", parents=[common], help="list jobs")
-    jl.add_argument("--state", choices=["pending", "running", "done", "dead"])
+    jl.add_argument("--state", choices=[state.value for state in JobState])
     jl.set_defaults(func=cmd_jobs_list)
     jr = jobs.add_parser("retry", parents=[common], help="re-queue dead-letter jobs (all, or the given ids)")
     jr.add_argument("ids", nargs="*", type=int)

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from node.db import Database, Instance, Study, now
 from node.jobs import enqueue
+from node.states import SCOREABLE_INSTANCE_STATES, Stage, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +21,23 @@ def complete_quiet_studies(db: Database, stable_seconds: float, *, at: float | N
     with db.session() as s:
         studies = s.scalars(
             select(Study)
-            .where(Study.state == "received", Study.last_received_at <= cutoff)
+            .where(Study.state == StudyState.RECEIVED, Study.last_received_at <= cutoff)
             .order_by(Study.last_received_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
         for study in studies:
             scoreable = s.scalar(
-                select(func.count()).select_from(Instance).where(Instance.study_id == study.id, Instance.state.in_(("stored", "scored")))
+                select(func.count()).select_from(Instance).where(Instance.study_id == study.id, Instance.state.in_(SCOREABLE_INSTANCE_STATES))
             )
             study.version += 1
             study.completed_at = now()
             if scoreable:
-                study.state = "processing"
-                enqueue(s, study.id, "infer", study.version)
+                study.state = StudyState.PROCESSING
+                enqueue(s, study.id, Stage.INFER, study.version)
                 log.info("study %s complete (version %d): queued for inference", study.study_uid, study.version)
             else:
-                study.state = "ignored"
+                study.state = StudyState.IGNORED
                 study.reason = "no chest radiograph in study"
                 log.info("study %s complete: ignored (no chest radiograph)", study.study_uid)
             completed.append(study.id)

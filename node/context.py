@@ -1,12 +1,22 @@
 """What the running node shares between its parts (API, SCP, pipeline)."""
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
 from node.config import Settings
 from node.db import Database
+
+if TYPE_CHECKING:  # both pull in torch; the CLI and the API must start without it
+    from inference.batcher import BatchingEngine
+    from inference.types import ModelInfo
+    from node.models import ModelManager
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 @dataclass
@@ -15,14 +25,16 @@ class NodeContext:
     db: Database
     # Filled in as each part comes up; /healthz is 200 only when all are True.
     ready: dict[str, bool] = field(default_factory=lambda: {"db": False, "scp": False, "model": False})
-    # inference.batcher.BatchingEngine once a model is loaded: thread-safe, callers
-    # share its batches; `predict(images)` and `model_info` as on an InferenceEngine.
-    engine: Any = None
-    # node.models.ModelManager: loads the registry's active model and hot-swaps it.
-    models: Any = None
+    # The batching worker once a model is loaded: thread-safe, callers share
+    # its batches; `predict(images)` and `model_info` as on an InferenceEngine.
+    engine: BatchingEngine | None = None
+    # Loads the registry's active model and hot-swaps it.
+    models: ModelManager | None = None
+    # When a scored study is issued; tests fix it to pin outputs byte for byte.
+    clock: Callable[[], dt.datetime] = utc_now
 
     @property
-    def model_info(self):
+    def model_info(self) -> ModelInfo | None:
         return None if self.engine is None else self.engine.model_info
 
     @property
@@ -36,6 +48,10 @@ class NodeContext:
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
 
     @property
     def tmp_dir(self) -> Path:

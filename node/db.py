@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, Session
 
+from node.states import InstanceState, JobState, Priority, StudyState
+
 
 def now() -> float:
     return time.time()
@@ -48,8 +50,7 @@ class Study(Base):
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
-    # received (still arriving) -> processing -> done | ignored | failed
-    state: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVED, index=True)  # node.states
     reason: Mapped[str] = mapped_column(Text, default="")
     first_received_at: Mapped[float] = mapped_column(Float, default=now)
     last_received_at: Mapped[float] = mapped_column(Float, default=now, index=True)
@@ -74,8 +75,7 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # instances can exceed 2 GiB
     received_at: Mapped[float] = mapped_column(Float, default=now)
-    # stored -> scored | ignored | failed
-    state: Mapped[str] = mapped_column(String(16), default="stored")
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.STORED)  # node.states
     reason: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -93,11 +93,11 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    stage: Mapped[str] = mapped_column(String(16))  # infer | encode | deliver
+    stage: Mapped[str] = mapped_column(String(16))  # node.states.Stage
     destination: Mapped[str] = mapped_column(String(64), default="")
     study_version: Mapped[int] = mapped_column(Integer)
     # pending -> running -> done | dead (pending again after a retryable failure)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_after: Mapped[float] = mapped_column(Float, default=now)
     lease_owner: Mapped[str] = mapped_column(String(64), default="")
@@ -108,7 +108,8 @@ class Job(Base):
 
 
 class Result(Base):
-    """The model's findings for one study version (JSON: per source image)."""
+    """One study version's `ScoredStudy` (node/scored_study.py), as its codec's JSON.
+    The model columns are copies for listing without decoding."""
 
     __tablename__ = "results"
     __table_args__ = (UniqueConstraint("study_id", "version"),)
@@ -119,7 +120,7 @@ class Result(Base):
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     demo: Mapped[bool] = mapped_column(Boolean)
-    findings_json: Mapped[str] = mapped_column(Text)
+    scored_study: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -132,7 +133,7 @@ class Output(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))  # sr | sc
+    kind: Mapped[str] = mapped_column(String(16))  # node.states.OutputKind
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_uid: Mapped[str] = mapped_column(String(64))
@@ -203,7 +204,7 @@ class StudyTriage(Base):
     __tablename__ = "study_triage"
 
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), primary_key=True)
-    priority: Mapped[str] = mapped_column(String(16), default="routine")  # routine | stat
+    priority: Mapped[str] = mapped_column(String(16), default=Priority.ROUTINE)  # node.states.Priority
     reason: Mapped[str] = mapped_column(Text, default="")
     version: Mapped[int] = mapped_column(Integer, default=0)  # study version that set it
     updated_at: Mapped[float] = mapped_column(Float, default=now)

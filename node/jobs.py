@@ -16,8 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from node.db import Database, Job, now
+from node.states import JobState, Stage
 
-STAGES = ("infer", "encode", "deliver")
+STAGES = tuple(Stage)
 
 
 class RetryableError(Exception):
@@ -40,7 +41,7 @@ class Backoff:
         return step / 2 + random.uniform(0, step / 2)
 
 
-def enqueue(session: Session, study_id: int, stage: str, version: int, destination: str = "") -> None:
+def enqueue(session: Session, study_id: int, stage: Stage, version: int, destination: str = "") -> None:
     """Add a job unless the same (study, stage, destination, version) exists."""
     exists = session.scalar(
         select(Job.id).where(
@@ -59,12 +60,12 @@ def enqueue(session: Session, study_id: int, stage: str, version: int, destinati
         pass  # a concurrent enqueue won; same job
 
 
-def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[str, ...] = STAGES) -> Job | None:
+def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[Stage, ...] = STAGES) -> Job | None:
     """Take the next runnable job (pending, or running with an expired lease)."""
     t = now()
     runnable = or_(
-        and_(Job.state == "pending", Job.run_after <= t),
-        and_(Job.state == "running", Job.lease_until < t),  # its worker died
+        and_(Job.state == JobState.PENDING, Job.run_after <= t),
+        and_(Job.state == JobState.RUNNING, Job.lease_until < t),  # its worker died
     )
     with db.session() as s:
         candidate = s.scalars(
@@ -80,7 +81,7 @@ def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[str, ...
             update(Job)
             .where(Job.id == candidate.id, runnable)
             .values(
-                state="running",
+                state=JobState.RUNNING,
                 lease_owner=owner,
                 lease_until=t + lease_seconds,
                 attempts=Job.attempts + 1,
@@ -96,7 +97,7 @@ def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[str, ...
 def _owned(job: Job):
     # Only the lease holder may settle a job; a worker whose lease expired and
     # was re-claimed must not overwrite the new owner's outcome.
-    return and_(Job.id == job.id, Job.lease_owner == job.lease_owner, Job.state == "running")
+    return and_(Job.id == job.id, Job.lease_owner == job.lease_owner, Job.state == JobState.RUNNING)
 
 
 class LeaseLost(Exception):
@@ -110,7 +111,7 @@ def settle_in(session: Session, job: Job) -> None:
     Raises LeaseLost (rolling the caller's transaction back) when the lease
     is no longer ours."""
     settled = session.execute(
-        update(Job).where(_owned(job)).values(state="done", finished_at=now(), lease_until=0.0, last_error="")
+        update(Job).where(_owned(job)).values(state=JobState.DONE, finished_at=now(), lease_until=0.0, last_error="")
         .execution_options(synchronize_session=False)
     ).rowcount
     if settled != 1:
@@ -121,21 +122,21 @@ def succeed(db: Database, job: Job) -> bool:
     """Mark the job done; also True when the stage already did (`settle_in`)."""
     with db.session() as s:
         if s.execute(
-            update(Job).where(_owned(job)).values(state="done", finished_at=now(), lease_until=0.0, last_error="")
+            update(Job).where(_owned(job)).values(state=JobState.DONE, finished_at=now(), lease_until=0.0, last_error="")
         ).rowcount == 1:
             return True
         row = s.get(Job, job.id)
-        return row is not None and row.state == "done" and row.lease_owner == job.lease_owner
+        return row is not None and row.state == JobState.DONE and row.lease_owner == job.lease_owner
 
 
-def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: int, backoff: Backoff) -> str:
-    """Record a failure; returns the new state ('pending' or 'dead')."""
+def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: int, backoff: Backoff) -> JobState:
+    """Record a failure; returns the new state (PENDING or DEAD)."""
     dead = not retryable or job.attempts >= max_attempts
     values = {"last_error": error[:4000], "lease_until": 0.0}
     if dead:
-        values.update(state="dead", finished_at=now())
+        values.update(state=JobState.DEAD, finished_at=now())
     else:
-        values.update(state="pending", run_after=now() + backoff.delay(job.attempts))
+        values.update(state=JobState.PENDING, run_after=now() + backoff.delay(job.attempts))
     with db.session() as s:
         s.execute(update(Job).where(_owned(job)).values(**values))
     return values["state"]
@@ -149,9 +150,9 @@ def renew(db: Database, job: Job, lease_seconds: float) -> bool:
 def requeue_dead(db: Database, job_ids: list[int] | None = None) -> int:
     """Operator action: give dead-letter jobs a fresh set of attempts."""
     with db.session() as s:
-        stmt = update(Job).where(Job.state == "dead")
+        stmt = update(Job).where(Job.state == JobState.DEAD)
         if job_ids:
             stmt = stmt.where(Job.id.in_(job_ids))
         return s.execute(
-            stmt.values(state="pending", attempts=0, run_after=now(), lease_owner="", finished_at=None)
+            stmt.values(state=JobState.PENDING, attempts=0, run_after=now(), lease_owner="", finished_at=None)
         ).rowcount

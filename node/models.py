@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicom_scp.durable import fsync_dir
+from node.storage import fsync_dir
 from inference.hashing import file_sha256
 
 log = logging.getLogger(__name__)

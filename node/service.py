@@ -18,7 +18,7 @@ from node.config import Settings
 from node.context import NodeContext
 from node.db import Database
 from node.fhir_store import reindex_missing
-from node.receiver import record_instance, record_release
+from node.receiver import Receiver, record_release
 from node.worker import WorkerPool
 
 log = logging.getLogger("carina")
@@ -32,7 +32,7 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def prepare_storage(ctx: NodeContext) -> None:
-    for d in (ctx.instances_dir, ctx.outputs_dir):
+    for d in (ctx.instances_dir, ctx.outputs_dir, ctx.work_dir):
         d.mkdir(parents=True, exist_ok=True)
     # Partial uploads from a crash are not acknowledged instances; drop them.
     shutil.rmtree(ctx.tmp_dir, ignore_errors=True)
@@ -91,9 +91,7 @@ class Node:
             ae_title=s.dicom.ae_title,
             host=s.dicom.host,
             port=s.dicom.port,
-            instances_dir=ctx.instances_dir,
-            record=partial(record_instance, ctx.db),
-            min_free_mb=s.storage.min_free_mb,
+            accept=Receiver(ctx.db, ctx.instances_dir, s.storage.min_free_mb),
             max_associations=s.dicom.max_associations,
             allowed_calling_aets=s.dicom.allowed_calling_aets,
             on_release=partial(record_release, ctx.db),

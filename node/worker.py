@@ -1,7 +1,13 @@
 """Pipeline workers: claim a job, run its stage, settle it.
 
-Every outcome is written back to the job row, so a crash at any point leaves
-either a finished job or one whose lease will expire and be taken again."""
+For every stage the worker does the same three steps (node/pipeline/__init__.py):
+load the stage's typed work in one transaction, run it outside any
+transaction, and settle its outcome in the transaction that marks the job
+done. Whether the job is still for the study's current version is checked
+here, in `_current`, and nowhere else. Every outcome is written back to the
+job row, so a crash at any point leaves either a finished job or one whose
+lease will expire and be taken again.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,14 +17,39 @@ import threading
 import traceback
 import uuid
 
+from sqlalchemy.orm import Session
+
 from node.context import NodeContext
-from node.db import Study
-from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, succeed
-from node.pipeline import deliver, encode, infer
+from node.db import Job, Study
+from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, settle_in, succeed
+from node.pipeline import conclude, deliver, encode, infer
+from node.states import JobState, Stage, StudyState
 
 log = logging.getLogger(__name__)
 
-STAGE_RUNNERS = {"infer": infer.run, "encode": encode.run, "deliver": deliver.run}
+STAGES = {Stage.INFER: infer, Stage.ENCODE: encode, Stage.DELIVER: deliver}
+
+
+def current_study(session: Session, job: Job) -> Study | None:
+    """The job's study, or None when a newer version of it superseded the job."""
+    study = session.get(Study, job.study_id)
+    return study if study is not None and study.version == job.study_version else None
+
+
+def run_stage(ctx: NodeContext, job: Job) -> None:
+    stage = STAGES[Stage(job.stage)]
+    with ctx.db.session() as s:
+        study = current_study(s, job)
+        work = None if study is None else stage.load(ctx, s, study, job)
+    if study is None:
+        log.info("%s job %d superseded by a newer study version", job.stage, job.id)
+        return
+    outcome = stage.run(ctx, work)
+    with ctx.db.session() as s:
+        settle_in(s, job)  # the outcome and "job done" commit together or not at all
+        study = current_study(s, job)
+        if study is not None:
+            stage.settle(ctx, s, study, outcome)
 
 
 def run_one(ctx: NodeContext, owner: str) -> bool:
@@ -29,7 +60,7 @@ def run_one(ctx: NodeContext, owner: str) -> bool:
         return False
     backoff = Backoff(p.backoff_base_seconds, p.backoff_max_seconds)
     try:
-        STAGE_RUNNERS[job.stage](ctx, job)
+        run_stage(ctx, job)
     except LeaseLost as exc:
         log.warning("%s; outcome left to the new owner", exc)
     except PermanentError as exc:
@@ -45,15 +76,15 @@ def run_one(ctx: NodeContext, owner: str) -> bool:
     return True
 
 
-def _settle_failure(ctx: NodeContext, job, error: str, *, retryable: bool, backoff: Backoff) -> None:
+def _settle_failure(ctx: NodeContext, job: Job, error: str, *, retryable: bool, backoff: Backoff) -> None:
     state = fail(ctx.db, job, error, retryable=retryable, max_attempts=ctx.settings.pipeline.max_attempts, backoff=backoff)
     log.warning("job %d (%s%s) attempt %d failed -> %s: %s", job.id, job.stage,
                 f" to {job.destination}" if job.destination else "", job.attempts, state, error)
-    if state == "dead" and job.stage in ("infer", "encode"):
+    if state == JobState.DEAD and job.stage in (Stage.INFER, Stage.ENCODE):
         with ctx.db.session() as s:
-            study = s.get(Study, job.study_id)
-            if study.version == job.study_version:
-                study.state, study.reason = "failed", f"{job.stage}: {error}"[:2000]
+            study = current_study(s, job)
+            if study is not None:
+                conclude(study, StudyState.FAILED, f"{job.stage}: {error}")
 
 
 class WorkerPool:

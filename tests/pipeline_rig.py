@@ -1,15 +1,14 @@
 """Drive Carina's real encode and deliver stages without a model.
 
-A study is stored the way the SCP and infer stage leave it (instance file,
-Study/Instance rows, a Result row in the real serialized format) with
-findings the test chooses, so triage and delivery can be tested for a
-critical and a normal study in seconds. Then the real `encode` stage runs and
-the real worker (`node.worker.run_one`) claims and settles the deliver jobs,
-retries and dead-letters included.
+A study is stored the way the SCP leaves it (instance file, Study/Instance
+rows) and settled by the real infer stage's `scored_study` and `settle` with
+findings the test chooses instead of the model's, so triage and delivery can
+be tested for a critical and a normal study in seconds. Then the real
+`encode` stage runs and the real worker (`node.worker.run_one`) claims and
+settles the deliver jobs, retries and dead-letters included.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,12 +17,14 @@ from sqlalchemy import select
 
 from dicom_factory import make_dx, write
 from inference import decode_dicom
-from inference.serialize import result_to_json
 from inference.types import CHESTXRAY14, Finding, Heatmaps, ImageResult, ModelInfo, Region
+from node import triage
 from node.config import Settings
 from node.context import NodeContext
-from node.db import Database, Instance, Job, Result, Study, now
+from node.db import Database, Instance, Job, Study, now
 from node.jobs import enqueue
+from node.pipeline import infer
+from node.states import InstanceState, Stage, StudyState
 from node.worker import run_one
 
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
@@ -75,14 +76,14 @@ class PipelineRig:
         path = write(ds, self.ctx.instances_dir / f"{ds.SOPInstanceUID}.dcm")
         with self.db.session() as s:
             study = Study(calling_ae=calling_ae, study_uid=str(ds.StudyInstanceUID), patient_id=str(ds.PatientID),
-                          accession_number=str(ds.AccessionNumber), state="processing", version=1,
+                          accession_number=str(ds.AccessionNumber), state=StudyState.PROCESSING, version=1,
                           completed_at=now())
             s.add(study)
             s.flush()
             s.add(Instance(study_id=study.id, sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-                           series_uid=str(ds.SeriesInstanceUID), path=str(path), state="scored"))
-            self._result(s, study.id, 1, ds, positives)
+                           series_uid=str(ds.SeriesInstanceUID), path=str(path), state=InstanceState.STORED))
             study_id = study.id
+        self._infer(study_id, ds, positives)
         return study_id, ds
 
     def rescore(self, study_id: int, ds, positives: dict[str, float]) -> int:
@@ -90,25 +91,36 @@ class PipelineRig:
         with self.db.session() as s:
             study = s.get(Study, study_id)
             study.version += 1
-            study.state = "processing"
-            self._result(s, study_id, study.version, ds, positives)
-            return study.version
+            study.state = StudyState.PROCESSING
+            version = study.version
+        self._infer(study_id, ds, positives)
+        return version
 
-    def _result(self, s, study_id: int, version: int, ds, positives: dict[str, float]) -> None:
+    def _infer(self, study_id: int, ds, positives: dict[str, float]) -> None:
+        """What the infer stage does for this study version, with the chosen findings as the model's answer."""
+        with self.db.session() as s:
+            study = s.get(Study, study_id)
+            instance = s.scalar(select(Instance).where(Instance.study_id == study_id))
+            candidate = infer.Candidate(instance.id, instance.sop_instance_uid, Path(instance.path))
+            work = infer.InferWork(study.id, study.calling_ae, study.study_uid, study.version, (candidate,),
+                                   earlier_triage=triage.previous(s, study.id))
         result = image_result(ds, positives)
-        s.add(Result(study_id=study_id, version=version, model_name=DEMO.name, model_version=DEMO.version,
-                     demo=DEMO.demo, findings_json=json.dumps({str(ds.SOPInstanceUID): result_to_json(result)})))
+        scored = infer.scored_study(self.ctx, work, [ds], [result])
+        infer.keep_display(self.ctx, work, candidate.sop_uid, result.image)
+        with self.db.session() as s:
+            assessed = (infer.Assessment(candidate, InstanceState.SCORED),)
+            infer.settle(self.ctx, s, s.get(Study, study_id), infer.Inferred(assessed, scored))
 
     def encode(self, study_id: int, timeout: float = 60.0) -> None:
         """Run the real encode stage, claimed by the real worker, for the study's current
         version; it stores the outputs and FHIR resources and enqueues the deliver jobs."""
         with self.db.session() as s:
             version = s.get(Study, study_id).version
-            enqueue(s, study_id, "encode", version)
+            enqueue(s, study_id, Stage.ENCODE, version)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.db.session() as s:
-                job = s.scalar(select(Job).where(Job.study_id == study_id, Job.stage == "encode",
+                job = s.scalar(select(Job).where(Job.study_id == study_id, Job.stage == Stage.ENCODE,
                                                  Job.study_version == version))
                 state, error = job.state, job.last_error
             if state in ("done", "dead"):
@@ -120,7 +132,7 @@ class PipelineRig:
     def deliveries(self, study_id: int) -> dict[str, Job]:
         """Latest deliver job per destination."""
         with self.db.session() as s:
-            jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.stage == "deliver").order_by(Job.id)).all()
+            jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.stage == Stage.DELIVER).order_by(Job.id)).all()
             for job in jobs:
                 s.expunge(job)
         return {job.destination: job for job in jobs}

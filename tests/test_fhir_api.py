@@ -22,14 +22,16 @@ from fhirpy.base.searchset import Raw
 from dicom_factory import make_dx
 from inference.types import CHESTXRAY14, Finding, ModelInfo
 from node.api.auth import create_token
-from node.api import fhir_routes
+from node.api import fhir_capability
 from node.api.fhir_routes import router
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Database
 from node.fhir_store import save_resources
-from node.outputs.fhir_report import build_report_resources, patient_id
-from node.outputs.study_facts import StudyFacts
+from node.outputs.fhir_report import build_report_resources
+from node.report import patient_id
+from node.study_facts import StudyFacts
+from scored_factory import scored_from_facts
 from peers import free_port
 
 SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1249.1"
@@ -50,10 +52,15 @@ def _study(patient_id: str, study_date: str, accession: str):
 
 
 def _build(facts, sop_uid, positive, *, status="preliminary", version=1):
-    return build_report_resources(
-        facts, {sop_uid: _findings(positive)}, MODEL, study_version=version, status=status,
-        issued=ISSUED, patient_system=SYSTEM, calling_ae="MODALITY",
-    )
+    # Carina issues preliminary and amended reports; "final" stands for a report
+    # a radiologist signed elsewhere and that the store serves all the same.
+    study = scored_from_facts(facts, {sop_uid: _findings(positive)}, MODEL, version=version,
+                              status=None if status == "final" else status, issued=ISSUED)
+    resources = build_report_resources(study, patient_system=SYSTEM)
+    for resource in resources:
+        if resource["resourceType"] in ("DiagnosticReport", "Observation"):
+            resource["status"] = status
+    return resources
 
 
 def _report(resources):
@@ -441,9 +448,9 @@ def test_history_of_a_report(node):
 def test_capability_statement_matches_routes_and_file():
     """The statement is generated from the tables the server dispatches on; check the
     generated statement, the file on disk and the router agree."""
-    generated = fhir_routes.capability_statement()
-    on_disk = json.loads(fhir_routes.CAPABILITY_PATH.read_text())
-    assert on_disk == generated, "fhir/CapabilityStatement.json is stale: run python -m node.api.fhir_routes"
+    generated = fhir_capability.capability_statement()
+    on_disk = json.loads(fhir_capability.CAPABILITY_PATH.read_text())
+    assert on_disk == generated, "fhir/CapabilityStatement.json is stale: run python -m node.api.fhir_capability"
     routes = {(method, route.path) for route in router.routes for method in route.methods}
     interaction_routes = {
         "read": ("GET", "/fhir/{resource_type}/{resource_id}"),
@@ -452,14 +459,14 @@ def test_capability_statement_matches_routes_and_file():
         "search-type": ("GET", "/fhir/DiagnosticReport"),
     }
     resources = generated["rest"][0]["resource"]
-    assert [r["type"] for r in resources] == list(fhir_routes.READABLE_TYPES)
+    assert [r["type"] for r in resources] == list(fhir_capability.READABLE_TYPES)
     for resource in resources:
         for interaction in resource["interaction"]:
             assert interaction_routes[interaction["code"]] in routes, (resource["type"], interaction)
         if any(i["code"] == "search-type" for i in resource["interaction"]):
-            assert resource["type"] in fhir_routes.SEARCHABLE_TYPES
+            assert resource["type"] in fhir_capability.SEARCHABLE_TYPES
             names = [p["name"] for p in resource["searchParam"]]
-            assert names == [p.name for p in fhir_routes.REPORT_SEARCH_PARAMS]
-            for param in fhir_routes.REPORT_SEARCH_PARAMS:  # every accepted form belongs to a listed name
+            assert names == [p.name for p in fhir_capability.REPORT_SEARCH_PARAMS]
+            for param in fhir_capability.REPORT_SEARCH_PARAMS:  # every accepted form belongs to a listed name
                 assert all(form.split(":")[0] == param.name for form in param.forms)
     assert ("GET", "/fhir/metadata") in routes

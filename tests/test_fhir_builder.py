@@ -4,6 +4,9 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pydantic
@@ -19,17 +22,10 @@ from fhir.resources.R4B.provenance import Provenance
 from dicom_factory import make_dx
 from inference.types import CHESTXRAY14, DEMO_WARNING, Finding, ModelInfo
 from node.outputs import uids
-from node.outputs.fhir_report import (
-    TRIAGE_PRIORITY_URL,
-    build_report_resources,
-    device_id,
-    dicom_datetime,
-    patient_id,
-    validate,
-)
-from node.outputs.study_facts import StudyFacts
+from node.outputs.fhir_report import TRIAGE_PRIORITY_URL, build_report_resources, dicom_datetime, validate
+from node.report import Triage, device_id, patient_id
 from node.terminology import load_terminology
-from node.triage import Triage
+from scored_factory import scored_from_findings
 
 PIXELS = np.full((32, 32), 128, dtype=np.uint8)  # the builder never looks at pixels
 ISSUED = dt.datetime(2026, 11, 21, 10, 0, tzinfo=dt.timezone.utc)
@@ -48,12 +44,9 @@ def findings(probabilities: dict[str, float], threshold: float = 0.5) -> list[Fi
     return out
 
 
-def build(datasets, per_image, model=DEMO, **kw):
-    facts = StudyFacts.from_datasets(datasets)
-    args = dict(study_version=1, status="preliminary", issued=ISSUED, patient_system=PATIENT_SYSTEM, calling_ae="MODALITY")
-    args.update(kw)
-    resources = build_report_resources(facts, per_image, model, **args)
-    return facts, resources
+def build(datasets, per_image, model=DEMO, *, study_version=1, **kw):
+    study = scored_from_findings(datasets, per_image, model, version=study_version, issued=ISSUED, **kw)
+    return study.facts, build_report_resources(study, patient_system=PATIENT_SYSTEM)
 
 
 def by_type(resources, rtype):
@@ -281,13 +274,13 @@ def test_triage_priority_extension_and_critical_interpretation(pa_study):
     report = by_type(resources, "DiagnosticReport")[0]
     assert report["extension"][0]["valueCodeableConcept"]["coding"][0]["code"] == "routine"
     assert all("AA" not in json.dumps(o["interpretation"]) for o in by_type(resources, "Observation"))
-    _, untriaged = build(datasets, per_image)
-    assert "extension" not in by_type(untriaged, "DiagnosticReport")[0]
+    # By default the configured rule decides: Effusion is not critical, so routine.
+    _, default = build(datasets, per_image)
+    assert by_type(default, "DiagnosticReport")[0]["extension"][0]["valueCodeableConcept"]["coding"][0]["code"] \
+        == "routine"
 
 
 def test_triage_extension_definition_is_a_valid_structure_definition():
-    from pathlib import Path
-
     from fhir.resources.R4B.structuredefinition import StructureDefinition
 
     path = Path(__file__).resolve().parent.parent / "fhir" / "StructureDefinition-carina-triage-priority.json"
@@ -295,3 +288,13 @@ def test_triage_extension_definition_is_a_valid_structure_definition():
     StructureDefinition.model_validate(definition)
     assert definition["url"] == TRIAGE_PRIORITY_URL
     assert definition["context"] == [{"type": "element", "expression": "DiagnosticReport"}]
+
+
+def test_the_shipped_example_bundle_is_what_the_builder_makes(tmp_path):
+    """fhir/examples/ must not drift from the code (it once kept a stale SR UID)."""
+    repo = Path(__file__).resolve().parent.parent
+    fresh = tmp_path / "bundle.json"
+    subprocess.run([sys.executable, str(repo / "fhir" / "examples" / "generate_example.py"), str(fresh)],
+                   check=True, capture_output=True, timeout=120)
+    shipped = repo / "fhir" / "examples" / "chest-xray-two-views-bundle.json"
+    assert fresh.read_text() == shipped.read_text(), "run fhir/examples/generate_example.py"

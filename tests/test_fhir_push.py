@@ -19,7 +19,7 @@ from node.db import Study
 from node.destinations import fhir as fhir_sender
 from node.destinations.fhir import transaction_bundle
 from node.outputs.fhir_report import build_report_resources, validate
-from node.outputs.study_facts import StudyFacts
+from scored_factory import scored_study
 from peers import free_port
 from pipeline_rig import DEMO, PATIENT_SYSTEM, PipelineRig, image_result
 
@@ -60,10 +60,9 @@ def _assert_valid_transaction(bundle: dict) -> None:
 def test_bundle_is_conditional_and_self_contained():
     ds = make_dx(np.tile(np.linspace(20, 230, 64, dtype=np.uint8), (64, 1)), patient_id="PUSH-1")
     result = image_result(ds, {"Effusion": 0.8})
-    resources = build_report_resources(
-        StudyFacts.from_datasets([ds]), {ds.SOPInstanceUID: list(result.findings)}, DEMO, study_version=1,
-        issued=dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc), patient_system=PATIENT_SYSTEM, calling_ae="MOD",
-    )
+    study = scored_study([(ds, result)], model=DEMO, calling_ae="MOD",
+                         issued=dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc))
+    resources = build_report_resources(study, patient_system=PATIENT_SYSTEM)
     bundle = transaction_bundle(resources)
     _assert_valid_transaction(bundle)
     requests = {e["resource"]["resourceType"]: e["request"] for e in bundle["entry"]}
@@ -118,7 +117,9 @@ def test_redelivery_after_failures_creates_nothing_new(tmp_path, server, monkeyp
     assert report["subject"] == {"identifier": {"system": PATIENT_SYSTEM, "value": "CARINA-TEST-001"}}
 
     # Sending the same version once more (e.g. an operator's resend) changes nothing either.
-    fhir_sender.send(rig.ctx, job, rig.settings.destinations[0])
+    with rig.db.session() as s:
+        work = fhir_sender.load(rig.ctx, s, s.get(Study, study_id), rig.settings.destinations[0])
+    fhir_sender.send(rig.ctx, work)
     assert server.counts() == EXPECTED and set(_statuses(server, 3)) == {"200 OK"}
     rig.close()
 

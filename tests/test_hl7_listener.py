@@ -10,11 +10,11 @@ import hl7
 import pytest
 from hl7.client import MLLPClient
 
-from node.config import Hl7ListenerSettings
+from node.config import Hl7Destination, Hl7ListenerSettings
 from node.db import InboundOrder, InboundPatient, Study
-from node.destinations.report import hl7_inputs, load_report
+from node.destinations import hl7 as hl7_sender
 from node.mllp_listener import MllpListener
-from node.outputs.hl7_oru import OrderContext, build_oru, encode
+from node.outputs.hl7_oru import encode
 from peers import free_port
 from pipeline_rig import PipelineRig
 
@@ -96,17 +96,10 @@ def test_recorded_order_shapes_the_oru(listener):
     # The images arrive later with the accession and no patient name in the header.
     study_id, _ = rig.add_study({}, accession="ACC-77", patient_id="PAT-77", patient_name="")
     rig.encode(study_id)
+    ris = Hl7Destination(name="ris", type="hl7", host="127.0.0.1", port=2575)
     with rig.db.session() as s:
-        study = s.get(Study, study_id)
-        s.expunge(study)
-    inputs = hl7_inputs(rig.ctx, study, load_report(rig.ctx, study))
-    order = inputs.order
-    message = hl7.parse(encode(build_oru(
-        inputs.facts, inputs.findings_by_image, inputs.model, study_version=1, status=inputs.status,
-        issued=inputs.issued, calling_ae=study.calling_ae, triage=inputs.triage,
-        order=OrderContext(order.placer_order_number, order.filler_order_number, order.procedure_code,
-                           order.procedure_text, order.procedure_system, inputs.patient_class),
-    )))
+        work = hl7_sender.load(rig.ctx, s, s.get(Study, study_id), ris)
+    message = hl7.parse(encode(hl7_sender.message_for(rig.ctx, work)))
     obr = message.segment("OBR")
     assert str(obr(2)) == "PLAC-77" and str(obr(3)) == "FILL-77" and str(obr(18)) == "ACC-77"
     assert str(obr(4)) == "36554-4^XR Chest Single view^LN^XRCHEST1^XR chest 1 view^L"

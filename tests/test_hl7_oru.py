@@ -14,7 +14,8 @@ from dicom_factory import make_dx
 from inference.types import CHESTXRAY14, Finding, ModelInfo
 from node.destinations.hl7 import parse_ack
 from node.outputs.hl7_oru import OrderContext, OruHeader, build_oru, control_id, encode, hd_from_system
-from node.outputs.study_facts import StudyFacts
+from node.study_facts import StudyFacts
+from scored_factory import scored_from_facts
 
 ISSUED = dt.datetime(2026, 11, 21, 9, 41, 7, tzinfo=dt.timezone.utc)
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
@@ -27,10 +28,10 @@ def _study(**dx):
     return StudyFacts.from_datasets([ds]), {ds.SOPInstanceUID: findings}
 
 
-def _oru(facts, findings, model=DEMO, **kw):
-    args = dict(study_version=1, status="preliminary", issued=ISSUED, calling_ae="MODALITY")
-    args.update(kw)
-    return encode(build_oru(facts, findings, model, **args))
+def _oru(facts, findings, model=DEMO, *, study_version=1, status=None, calling_ae="MODALITY", triage=None, **kw):
+    study = scored_from_facts(facts, findings, model, version=study_version, status=status, calling_ae=calling_ae,
+                              triage=triage, issued=ISSUED)
+    return encode(build_oru(study, **kw))
 
 
 def test_message_is_valid_v251_oru_r01():
@@ -65,7 +66,7 @@ def test_control_id_is_deterministic_per_report_version():
     assert control_id("r", 1) == control_id("r", 1) != control_id("r", 2)
 
 
-@pytest.mark.parametrize("status,code", [("preliminary", "P"), ("amended", "C"), ("final", "F")])
+@pytest.mark.parametrize("status,code", [("preliminary", "P"), ("amended", "C")])  # Carina never issues F
 def test_result_status(status, code):
     facts, findings = _study()
     message = hl7.parse(_oru(facts, findings, status=status))

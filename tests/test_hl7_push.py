@@ -12,7 +12,7 @@ import pytest
 from hl7_peer import Hl7Peer
 from inference.types import CHESTXRAY14
 from node.outputs.hl7_oru import control_id
-from node.outputs.fhir_report import report_id
+from node.report import report_id
 from node.terminology import load_terminology
 from peers import free_port
 from pipeline_rig import PipelineRig

@@ -323,11 +323,11 @@ def test_overlong_uids_and_ids_never_become_out_of_resources(any_db, tmp_path):
     the commit, answer 0xA700, and make the sender retry forever: refuse it as
     a bad dataset instead; over-long informational values are truncated."""
     from dicom_scp.scp import StorageSCP
-    from node.receiver import record_instance
+    from node.receiver import Receiver
     from peers import free_port
 
-    scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(), instances_dir=tmp_path / "instances",
-                     record=lambda received: record_instance(any_db, received))
+    scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(),
+                     accept=Receiver(any_db, tmp_path / "instances"))
     scp.start()
     try:
         long_uid = "1.2.826.0.1.3680043.10.1249." + "1234567890" * 5  # 78 characters

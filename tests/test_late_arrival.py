@@ -23,7 +23,7 @@ from peers import (
 )
 from pydicom import dcmread
 
-from node.outputs.fhir_report import report_id
+from node.report import report_id
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,15 @@ from node.outputs.banner import (
     render_banner,
     summary_banner,
 )
-from node.outputs.sc import build_heatmap_captures, jet
+from node.outputs.sc import build_heatmap_captures, display_rendition, jet
+from scored_factory import ISSUED, scored_study
 from test_outputs_sr import DEMO, REAL, assert_valid_dicom, make_result, siim, sloppy_dx, write
 
-CREATED = dt.datetime(2026, 11, 21, 10, 0, 0)
+
+def captures_of(source, result, model, *, issued: dt.datetime = ISSUED, **options):
+    """build_heatmap_captures as the encode stage calls it for one source image."""
+    study = scored_study([(source, result)], model=model, issued=issued)
+    return build_heatmap_captures(source, study.images[0], display_rendition(result.image), study, **options)
 
 
 def image_part(sc, source_rows: int) -> np.ndarray:
@@ -42,7 +47,7 @@ def band(sc, source_rows: int) -> np.ndarray:
 def test_captures_pass_dciodvfy(tmp_path, kind):
     source = {"siim_mono1": siim, "dx16": make_dx, "dx16_mono1": lambda: make_dx(photometric="MONOCHROME1")}[kind]()
     model = DEMO if kind != "dx16" else REAL
-    captures = build_heatmap_captures(source, make_result(source, model), model)
+    captures = captures_of(source, make_result(source, model), model)
     assert len(captures) == 3  # summary + 2 positives
     for sc in captures:
         path = write(sc, tmp_path / f"{sc.SOPInstanceUID}.dcm")
@@ -56,7 +61,7 @@ def test_captures_pass_dciodvfy(tmp_path, kind):
 def test_capture_identity_and_references():
     source = make_dx()
     result = make_result(source, REAL)
-    captures = build_heatmap_captures(source, result, REAL, first_instance_number=11)
+    captures = captures_of(source, result, REAL, first_instance_number=11)
     kinds = ["summary", "Pneumothorax", "Effusion"]  # summary first, then CHESTXRAY14 order
     assert [sc.SOPInstanceUID for sc in captures] == [
         uids.sc_instance_uid(source.SOPInstanceUID, REAL.ref, kind) for kind in kinds
@@ -88,7 +93,7 @@ def test_capture_identity_and_references():
 def test_cr_source_without_orientation_gets_an_empty_one_and_is_not_touched():
     source = siim()
     before = copy.deepcopy(source)
-    [summary, *_] = build_heatmap_captures(source, make_result(source, DEMO), DEMO)
+    [summary, *_] = captures_of(source, make_result(source, DEMO), DEMO)
     assert source == before
     assert summary.PatientOrientation == ""
     assert summary.ImageLaterality == "U"
@@ -96,15 +101,15 @@ def test_cr_source_without_orientation_gets_an_empty_one_and_is_not_touched():
 
 def test_captures_from_sloppy_headers_are_valid(tmp_path):
     source = sloppy_dx()
-    for sc in build_heatmap_captures(source, make_result(source, REAL), REAL):
+    for sc in captures_of(source, make_result(source, REAL), REAL):
         assert sc.PatientSex == "M"
         assert_valid_dicom(write(sc, tmp_path / f"{sc.InstanceNumber}.dcm"))
 
 
 def test_demo_caveat_is_burned_into_the_banner():
     source = make_dx()
-    demo = build_heatmap_captures(source, make_result(source, DEMO), DEMO)
-    real = build_heatmap_captures(source, make_result(source, REAL), REAL)
+    demo = captures_of(source, make_result(source, DEMO), DEMO)
+    real = captures_of(source, make_result(source, REAL), REAL)
     rows = int(source.Rows)
 
     for demo_sc, real_sc in zip(demo, real):
@@ -121,13 +126,13 @@ def test_demo_caveat_is_burned_into_the_banner():
     assert len(demo[0].SeriesDescription) <= 64
 
     result = make_result(source, DEMO)
-    for lines in (summary_banner(result, DEMO), finding_banner(result.positives[0], DEMO)):
+    for lines in (summary_banner(result.findings, DEMO), finding_banner(result.positives[0], DEMO)):
         texts = [line.text for line in lines]
         assert DEMO_WARNING in texts
         assert any("AI-GENERATED" in t and DEMO.name in t and DEMO.version in t for t in texts)
     pneumothorax = [line.text for line in finding_banner(result.positives[0], DEMO)]
     assert "Pneumothorax: probability 0.91 (above operating threshold 0.50)" in pneumothorax
-    assert not any("DEMO" in line.text for line in summary_banner(make_result(source, REAL), REAL))
+    assert not any("DEMO" in line.text for line in summary_banner(make_result(source, REAL).findings, REAL))
 
 
 def test_banner_text_only_uses_glyphs_the_font_has_or_draws_the_dash():
@@ -161,7 +166,7 @@ def test_banner_wraps_long_lines_and_scales_with_width():
 def test_overlay_keeps_anatomy_grey_where_the_map_is_cold():
     source = make_dx()
     result = make_result(source, REAL)
-    [_, pneumothorax, _] = build_heatmap_captures(source, result, REAL)
+    [_, pneumothorax, _] = captures_of(source, result, REAL)
     grey = result.image.display_uint8()
     picture = image_part(pneumothorax, grey.shape[0])
     heat = result.heatmaps.at_source(CHESTXRAY14.index("Pneumothorax"))
@@ -179,7 +184,7 @@ def test_overlay_keeps_anatomy_grey_where_the_map_is_cold():
 def test_no_positive_gives_only_a_plain_summary():
     source = make_dx()
     result = make_result(source, REAL, positives={})
-    [summary] = build_heatmap_captures(source, result, REAL)
+    [summary] = captures_of(source, result, REAL)
     picture = image_part(summary, int(source.Rows))
     assert np.array_equal(picture[..., 0], picture[..., 1]) and np.array_equal(picture[..., 1], picture[..., 2])
     assert "No finding above its operating threshold" in summary.ImageComments
@@ -188,7 +193,7 @@ def test_no_positive_gives_only_a_plain_summary():
 def test_large_sources_are_downscaled():
     big = np.asarray(Image.fromarray(png_pixels()).resize((2600, 3100)))  # width x height
     source = make_dx(big)
-    captures = build_heatmap_captures(source, make_result(source, REAL), REAL)
+    captures = captures_of(source, make_result(source, REAL), REAL)
     for sc in captures:
         assert int(sc.Columns) == round(2600 * 2048 / 3100)  # longest side (rows) now 2048
         assert 2048 < int(sc.Rows) < 2048 + 400  # the image plus the caption band
@@ -204,7 +209,7 @@ def test_jet_ramp_endpoints():
 def test_captures_are_deterministic(tmp_path):
     source = siim()
     result = make_result(source, DEMO)
-    first = build_heatmap_captures(source, result, DEMO, created=CREATED)
-    second = build_heatmap_captures(source, result, DEMO, created=CREATED)
+    first = captures_of(source, result, DEMO)
+    second = captures_of(source, result, DEMO)
     for a, b in zip(first, second):
         assert write(a, tmp_path / "a.dcm").read_bytes() == write(b, tmp_path / "b.dcm").read_bytes()

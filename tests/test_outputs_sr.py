@@ -31,10 +31,16 @@ from node.outputs import uids
 from node.outputs.sr import build_sr, scoord_polyline, tracking_uid
 from node.terminology import load_terminology
 from peers import dciodvfy_errors, dsrdump, require_tool
+from scored_factory import ISSUED, headers, scored_study
 
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
 REAL = ModelInfo("densenet121-res224-all", "2024.1", demo=False, weights_sha256="ab" * 32)
-CREATED = dt.datetime(2026, 11, 21, 10, 0, 0)
+
+
+def sr_of(sources, model: ModelInfo, version: int, predecessors=None, *, issued: dt.datetime = ISSUED, **options):
+    """build_sr over [(source, ImageResult)] as the encode stage calls it."""
+    study = scored_study(sources, version=version, model=model, issued=issued)
+    return build_sr(study, headers(sources), predecessors, **options)
 
 # dciodvfy warnings we accept, each explained:
 KNOWN_DCIODVFY_WARNINGS = (
@@ -152,7 +158,7 @@ def test_sr_passes_dciodvfy_dsrdump_and_highdicom(tmp_path, kind, model):
     else:
         first = make_dx(view_position="PA")
         sources = [first, make_dx(view_position="AP", study_uid=first.StudyInstanceUID)]
-    sr = build_sr([(ds, make_result(ds, model)) for ds in sources], model, 1)
+    sr = sr_of([(ds, make_result(ds, model)) for ds in sources], model, 1)
     path = write(sr, tmp_path / "sr.dcm")
 
     assert_valid_dicom(path)
@@ -168,7 +174,7 @@ def test_sr_passes_dciodvfy_dsrdump_and_highdicom(tmp_path, kind, model):
 
 def test_sr_header_uids_and_flags():
     ds = make_dx(patient_id="PID-7", patient_name="Doe^Jane")
-    sr = build_sr([(ds, make_result(ds, REAL))], REAL, 3)
+    sr = sr_of([(ds, make_result(ds, REAL))], REAL, 3)
 
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert sr.StudyInstanceUID == ds.StudyInstanceUID
@@ -201,15 +207,15 @@ def test_sr_header_uids_and_flags():
 def test_sr_rejects_mixed_studies_and_wrong_finding_order():
     a, b = make_dx(), make_dx()
     with pytest.raises(ValueError, match="studies"):
-        build_sr([(a, make_result(a, REAL)), (b, make_result(b, REAL))], REAL, 1)
+        sr_of([(a, make_result(a, REAL)), (b, make_result(b, REAL))], REAL, 1)
     result = make_result(a, REAL)
     shuffled = ImageResult(
         findings=tuple(reversed(result.findings)), heatmaps=result.heatmaps, image=result.image, model=REAL
     )
     with pytest.raises(ValueError, match="CHESTXRAY14"):
-        build_sr([(a, shuffled)], REAL, 1)
+        sr_of([(a, shuffled)], REAL, 1)
     with pytest.raises(ValueError):
-        build_sr([], REAL, 1)
+        sr_of([], REAL, 1)
 
 
 # --- content tree -------------------------------------------------------------
@@ -217,7 +223,7 @@ def test_sr_rejects_mixed_studies_and_wrong_finding_order():
 def test_sr_content_tree_codes_and_observer():
     terms = load_terminology()
     ds = make_dx()
-    sr = build_sr([(ds, make_result(ds, DEMO))], DEMO, 1)
+    sr = sr_of([(ds, make_result(ds, DEMO))], DEMO, 1)
 
     root = sr.ConceptNameCodeSequence[0]
     assert (root.CodeValue, root.CodingSchemeDesignator) == ("126000", "DCM")  # what OHIF opens
@@ -243,7 +249,7 @@ def test_sr_content_tree_codes_and_observer():
 def test_sr_title_can_be_the_terminology_loinc_code(tmp_path):
     ds = make_dx()
     loinc = load_terminology().report["sr_title"]
-    sr = build_sr([(ds, make_result(ds, REAL))], REAL, 1, title=loinc.dicom())
+    sr = sr_of([(ds, make_result(ds, REAL))], REAL, 1, title=loinc.dicom())
     root = sr.ConceptNameCodeSequence[0]
     assert (root.CodeValue, root.CodingSchemeDesignator) == ("18748-4", "LN")
     path = write(sr, tmp_path / "loinc.dcm")
@@ -255,7 +261,7 @@ def test_sr_one_group_per_finding_in_label_order():
     terms = load_terminology()
     ds = make_dx()
     result = make_result(ds, REAL, positives={"Cardiomegaly": 0.8})
-    sr = build_sr([(ds, result)], REAL, 1)
+    sr = sr_of([(ds, result)], REAL, 1)
     groups = groups_of(sr)
     assert len(groups) == 14
 
@@ -304,7 +310,7 @@ def test_sr_one_group_per_finding_in_label_order():
 def test_positive_without_region_is_a_plain_group():
     ds = make_dx()
     result = make_result(ds, REAL, positives={"Mass": 0.9}, regions={"Mass": ()})
-    groups = groups_of(build_sr([(ds, result)], REAL, 1))
+    groups = groups_of(sr_of([(ds, result)], REAL, 1))
     mass = groups[CHESTXRAY14.index("Mass")]
     assert mass.ContentTemplateSequence[0].TemplateIdentifier == "1501"
     assert item(mass, load_terminology().finding("Mass").dicom.code, "CODE")[0].ConceptCodeSequence[0].CodeValue == "52101004"
@@ -331,7 +337,7 @@ def test_sr_scoords_lie_within_their_source_image():
     rows, cols = int(ds.Rows), int(ds.Columns)
     too_big = box_region(cols * 0.8, rows * 0.8, cols * 0.5, rows * 0.5)  # runs off the bottom-right
     result = make_result(ds, DEMO, positives={"Nodule": 0.6}, regions={"Nodule": (box_region(10, 10, 5, 5), too_big)})
-    [group] = [g for g in groups_of(build_sr([(ds, result)], DEMO, 1)) if item(g, "111030")]
+    [group] = [g for g in groups_of(sr_of([(ds, result)], DEMO, 1)) if item(g, "111030")]
     [region] = item(group, "111030", "SCOORD")
     points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
     assert (points[:, 0] >= 0).all() and (points[:, 0] <= cols).all()
@@ -345,7 +351,7 @@ def test_sr_scoords_lie_within_their_source_image():
 def test_sr_copes_with_cr_headers_without_touching_them():
     ds = siim()  # no PatientOrientation values, PixelSpacing only, Patient's Age "62"
     before = copy.deepcopy(ds)
-    sr = build_sr([(ds, make_result(ds, DEMO))], DEMO, 1)
+    sr = sr_of([(ds, make_result(ds, DEMO))], DEMO, 1)
     assert ds == before
     assert "PixelData" in ds
 
@@ -371,7 +377,7 @@ def sloppy_dx() -> Dataset:
 def test_sr_builds_valid_objects_from_sloppy_headers(tmp_path):
     ds = sloppy_dx()
     before = copy.deepcopy(ds)
-    sr = build_sr([(ds, make_result(ds, REAL))], REAL, 1)
+    sr = sr_of([(ds, make_result(ds, REAL))], REAL, 1)
     assert ds == before
     assert (sr.PatientSex, sr.PatientBirthDate, sr.StudyID, sr.AccessionNumber) == ("M", "", "", "")
     assert_valid_dicom(write(sr, tmp_path / "sr.dcm"))
@@ -380,7 +386,7 @@ def test_sr_builds_valid_objects_from_sloppy_headers(tmp_path):
 def test_sr_keeps_valid_optional_patient_data():
     ds = make_dx()
     ds.PatientAge = "066Y"
-    sr = build_sr([(ds, make_result(ds, REAL))], REAL, 1)
+    sr = sr_of([(ds, make_result(ds, REAL))], REAL, 1)
     assert sr.PatientAge == "066Y"
 
 
@@ -394,14 +400,14 @@ def _bytes(sr: Dataset, path: Path) -> bytes:
 def test_sr_is_deterministic(tmp_path):
     ds = make_dx()
     sources = [(ds, make_result(ds, DEMO))]
-    first = _bytes(build_sr(sources, DEMO, 2, created=CREATED), tmp_path / "a.dcm")
-    second = _bytes(build_sr(sources, DEMO, 2, created=CREATED), tmp_path / "b.dcm")
+    first = _bytes(sr_of(sources, DEMO, 2), tmp_path / "a.dcm")
+    second = _bytes(sr_of(sources, DEMO, 2), tmp_path / "b.dcm")
     assert first == second
 
-    # without a fixed time only the creation date/time values may differ
+    # issued at another time, only the creation date/time values differ
     timeless = []
-    for name in ("c.dcm", "d.dcm"):
-        back = pydicom.dcmread(write(build_sr(sources, DEMO, 2), tmp_path / name))
+    for name, issued in (("c.dcm", ISSUED), ("d.dcm", ISSUED + dt.timedelta(hours=5, microseconds=1))):
+        back = pydicom.dcmread(write(sr_of(sources, DEMO, 2, issued=issued), tmp_path / name))
         for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
             del back[keyword]
         for equipment in back.ContributingEquipmentSequence:
@@ -414,8 +420,8 @@ def test_sr_is_deterministic(tmp_path):
 def test_rerun_supersedes_predecessor(tmp_path):
     ds = make_dx()
     sources = [(ds, make_result(ds, REAL))]
-    first = pydicom.dcmread(write(build_sr(sources, REAL, 1), tmp_path / "v1.dcm"), stop_before_pixels=True)
-    second = build_sr(sources, REAL, 2, predecessors=[first])
+    first = pydicom.dcmread(write(sr_of(sources, REAL, 1), tmp_path / "v1.dcm"), stop_before_pixels=True)
+    second = sr_of(sources, REAL, 2, predecessors=[first])
     path = write(second, tmp_path / "v2.dcm")
 
     assert second.SOPInstanceUID != first.SOPInstanceUID
@@ -435,7 +441,7 @@ def test_rerun_supersedes_predecessor(tmp_path):
 
 def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
     ds = make_dx()
-    demo = build_sr([(ds, make_result(ds, DEMO))], DEMO, 1)
+    demo = sr_of([(ds, make_result(ds, DEMO))], DEMO, 1)
     dump = dsrdump_checked(write(demo, tmp_path / "demo.dcm"))
 
     assert demo.SeriesDescription == f"Carina AI findings — {DEMO_WARNING}"
@@ -451,7 +457,7 @@ def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
     for group in groups_of(demo):
         assert [i.TextValue for i in item(group, "121106", "TEXT")] == [DEMO_WARNING]
 
-    real = build_sr([(ds, make_result(ds, REAL))], REAL, 1)
+    real = sr_of([(ds, make_result(ds, REAL))], REAL, 1)
     text = re.sub(r"\s+", " ", str(real))
     assert "DEMO" not in text
     assert all(item(group, "121106") == [] for group in groups_of(real))
@@ -460,6 +466,6 @@ def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
 def test_probability_is_written_tidily():
     ds = make_dx()
     result = make_result(ds, REAL, positives={"Edema": 0.12000000000000001})
-    [edema] = [g for g in groups_of(build_sr([(ds, result)], REAL, 1)) if item(g, "111030")]
+    [edema] = [g for g in groups_of(sr_of([(ds, result)], REAL, 1)) if item(g, "111030")]
     assert item(edema, "122157")[0].MeasuredValueSequence[0].NumericValue.original_string == "0.12"
     assert codes.DCM.Probability.value == "122157"

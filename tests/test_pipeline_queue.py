@@ -25,8 +25,13 @@ def received(study="1.2.3", sop="1.2.3.1", sop_class=CR, ae="MOD") -> ReceivedIn
     return ReceivedInstance(
         calling_ae=ae, peer_address="127.0.0.1", sop_class_uid=sop_class, sop_instance_uid=sop, study_uid=study,
         series_uid="1.2.3.9", transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="P1", accession_number="A1",
-        modality="CR", path=Path("/nonexistent"), size_bytes=1,
+        modality="CR", temp_path=Path("/nonexistent"), size_bytes=1,
     )
+
+
+def stored(**fields) -> tuple[ReceivedInstance, Path]:
+    """A received instance and where the receiver put it (the record never opens the file)."""
+    return received(**fields), Path("/nonexistent")
 
 
 def jobs(db, **where):
@@ -43,10 +48,10 @@ def study(db, uid="1.2.3"):
 
 
 def test_study_completes_only_after_quiet_period(db):
-    record_instance(db, received(sop="1.1"))
+    record_instance(db, *stored(sop="1.1"))
     t = now()
     assert complete_quiet_studies(db, stable_seconds=5, at=t + 1) == []
-    record_instance(db, received(sop="1.2"))
+    record_instance(db, *stored(sop="1.2"))
     assert complete_quiet_studies(db, stable_seconds=5, at=t + 2) == []
     assert len(complete_quiet_studies(db, stable_seconds=5, at=now() + 6)) == 1
     st = study(db)
@@ -57,7 +62,7 @@ def test_study_completes_only_after_quiet_period(db):
 
 
 def test_study_without_chest_images_is_ignored_with_reason(db):
-    record_instance(db, received(sop="9.1", sop_class=CT))
+    record_instance(db, *stored(sop="9.1", sop_class=CT))
     complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)
     st = study(db)
     assert st.state == "ignored" and "no chest radiograph" in st.reason
@@ -65,11 +70,11 @@ def test_study_without_chest_images_is_ignored_with_reason(db):
 
 
 def test_late_arrival_reopens_and_bumps_version(db):
-    record_instance(db, received(sop="1.1"))
+    record_instance(db, *stored(sop="1.1"))
     complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)
-    record_instance(db, received(sop="1.1"))  # a re-send of the same instance does not reopen
+    record_instance(db, *stored(sop="1.1"))  # a re-send of the same instance does not reopen
     assert study(db).state == "processing"
-    record_instance(db, received(sop="1.2"))  # a new instance does
+    record_instance(db, *stored(sop="1.2"))  # a new instance does
     assert study(db).state == "received"
     complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)
     assert study(db).version == 2
@@ -77,7 +82,7 @@ def test_late_arrival_reopens_and_bumps_version(db):
 
 
 def test_enqueue_is_idempotent(db):
-    record_instance(db, received())
+    record_instance(db, *stored())
     sid = study(db).id
     with db.session() as s:
         enqueue(s, sid, "deliver", 1, destination="pacs")
@@ -86,7 +91,7 @@ def test_enqueue_is_idempotent(db):
 
 
 def test_lease_expiry_lets_another_worker_take_the_job(db):
-    record_instance(db, received())
+    record_instance(db, *stored())
     with db.session() as s:
         enqueue(s, study(db).id, "infer", 1)
     first = claim(db, "worker-a", lease_seconds=300)
@@ -103,7 +108,7 @@ def test_lease_expiry_lets_another_worker_take_the_job(db):
 
 
 def test_retries_back_off_then_dead_letter_then_requeue(db):
-    record_instance(db, received())
+    record_instance(db, *stored())
     with db.session() as s:
         enqueue(s, study(db).id, "deliver", 1, destination="pacs")
     backoff = Backoff(base=10, cap=100)
@@ -132,7 +137,7 @@ def test_backoff_grows_exponentially_with_a_cap():
 def test_concurrent_workers_claim_each_job_exactly_once(db):
     import threading
 
-    record_instance(db, received())
+    record_instance(db, *stored())
     sid = study(db).id
     with db.session() as s:
         for version in range(1, 41):
@@ -162,7 +167,7 @@ def test_concurrent_first_instances_create_one_study(db):
 
     def send(n: int) -> None:
         try:
-            record_instance(db, received(study="7.7.7", sop=f"7.7.7.{n}"))
+            record_instance(db, *stored(study="7.7.7", sop=f"7.7.7.{n}"))
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 

@@ -11,12 +11,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from dicom_scp.scp import StorageSCP, instance_path, safe_path_component
+from dicom_scp.scp import StorageSCP
 from dicom_scp.sockets import _set_nodelay
 from dicom_scp.contexts import decodable_transfer_syntaxes
 from dicom_factory import SIIM_MONO1, make_dx, write
 from node.db import Instance, Study
-from node.receiver import NOT_CHEST, record_instance
+from node.receiver import NOT_CHEST, Receiver
+from node.storage import instance_path, safe_path_component
 from peers import free_port, require_tool, store_responses, storescu
 
 
@@ -25,9 +26,10 @@ def db(sqlite_db):
     return sqlite_db
 
 
-def start_scp(tmp_path, db, **kwargs) -> StorageSCP:
-    recorder = kwargs.pop("record", None) or (lambda inst: record_instance(db, inst))
-    scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(), instances_dir=tmp_path / "instances", record=recorder, **kwargs)
+def start_scp(tmp_path, db, *, min_free_mb: float = 0, accept=None, **kwargs) -> StorageSCP:
+    """The SCP with the node's receiver as its acceptor, as `carina serve` wires it."""
+    accept = accept or Receiver(db, tmp_path / "instances", min_free_mb)
+    scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(), accept=accept, **kwargs)
     scp.start()
     return scp
 
@@ -116,10 +118,10 @@ def test_disk_floor_answers_out_of_resources(tmp_path, db):
 
 
 def test_database_failure_is_never_acknowledged(tmp_path, db):
-    def broken_recorder(_instance):
+    def broken_acceptor(_instance):
         raise RuntimeError("database is down")
 
-    server = start_scp(tmp_path, db, record=broken_recorder)
+    server = start_scp(tmp_path, db, accept=broken_acceptor)
     try:
         path = write(make_dx(), tmp_path / "dx.dcm")
         proc = storescu(server.port, path)

@@ -155,19 +155,16 @@ def test_sr_fhir_and_hl7_code_every_finding_identically():
     from node.outputs.fhir_report import build_report_resources
     from node.outputs.hl7_oru import build_oru, encode
     from node.outputs.sr import build_sr
-    from node.outputs.study_facts import StudyFacts
     from pipeline_rig import DEMO, image_result
+    from scored_factory import headers, scored_study
 
     ds = make_dx(np.tile(np.linspace(20, 230, 64, dtype=np.uint8), (64, 1)))
     result = image_result(ds, {"Pneumothorax": 0.91, "Effusion": 0.64})
-    findings = {ds.SOPInstanceUID: list(result.findings)}
-    facts = StudyFacts.from_datasets([ds])
-    issued = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
-    common = dict(study_version=1, status="preliminary", issued=issued, calling_ae="MODALITY")
+    study = scored_study([(ds, result)], model=DEMO, issued=dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc))
 
-    sr = _sr_groups(build_sr([(ds, result)], DEMO, 1))
-    fhir = build_report_resources(facts, findings, DEMO, patient_system="urn:oid:1.2.3", **common)
-    oru = hl7.parse(encode(build_oru(facts, findings, DEMO, **common)))
+    sr = _sr_groups(build_sr(study, headers([(ds, result)])))
+    fhir = build_report_resources(study, patient_system="urn:oid:1.2.3")
+    oru = hl7.parse(encode(build_oru(study)))
     observations = {o["code"]["text"]: o for o in fhir if o["resourceType"] == "Observation"}
     obx = {str(seg(3)(1)(1)): seg for seg in oru.segments("OBX")}
 
@@ -190,7 +187,10 @@ def test_sr_fhir_and_hl7_code_every_finding_identically():
         assert str(hl7_obx(5)(1)(1)) == verdict.code
         fhir_verdict = terms.interpretation["positive" if finding.positive else "negative"]
         assert fhir_obs["interpretation"][0]["coding"][0]["code"] == fhir_verdict["fhir"].code
-        assert str(hl7_obx(8)) == fhir_verdict["v2"].code
+        # A triage-critical finding (Pneumothorax here) is AA in both, on top of the verdict in FHIR.
+        flag = terms.interpretation["critical"] if finding.label in study.triage.critical else fhir_verdict
+        assert fhir_obs["interpretation"][-1]["coding"][0]["code"] == flag["fhir"].code
+        assert str(hl7_obx(8)) == flag["v2"].code
         # Same number.
         assert sr_group["probability"] == pytest.approx(finding.probability, abs=1e-6)
         assert fhir_obs["valueQuantity"]["value"] == pytest.approx(finding.probability, abs=1e-4)

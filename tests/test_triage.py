@@ -7,19 +7,26 @@ import hl7
 import pytest
 
 from inference.types import CHESTXRAY14, Finding
-from node.config import ConfigError, Settings, TriageSettings, load_settings
+from node import results
+from node.config import ConfigError, Hl7Destination, Settings, TriageSettings, load_settings
 from node.db import Study, StudyTriage
-from node.destinations.report import current_study, hl7_inputs, load_report, stored_triage
+from node.destinations import hl7 as hl7_sender
 from node.fhir_store import read_current
-from node.outputs.fhir_report import TRIAGE_PRIORITY_URL, report_id
-from node.outputs.hl7_oru import OrderContext, build_oru, encode
-from node.triage import Triage, assess, never_lower
+from node.outputs.fhir_report import TRIAGE_PRIORITY_URL
+from node.outputs.hl7_oru import encode
+from node.report import Triage, assess_triage, never_lower, report_id, strongest_findings
+from node.worker import current_study
 from pipeline_rig import PipelineRig
 
 
 def findings(**probabilities: float) -> list[Finding]:
     return [Finding(label, probabilities.get(label, 0.1), 0.5, probabilities.get(label, 0.1) >= 0.5)
             for label in CHESTXRAY14]
+
+
+def assess(settings, *images: list[Finding]) -> Triage:
+    """The rule on the study-level findings of one or more images."""
+    return assess_triage(settings, strongest_findings({f"1.2.{n}": image for n, image in enumerate(images)}))
 
 
 def test_assess_uses_the_operating_point_unless_a_threshold_is_set():
@@ -39,8 +46,8 @@ def test_assess_uses_the_operating_point_unless_a_threshold_is_set():
 
 
 def test_study_level_probability_is_the_highest_over_images():
-    views = findings(Pneumothorax=0.2) + findings(Pneumothorax=0.7)  # PA negative, lateral positive
-    assert assess(TriageSettings(), views).stat
+    # PA negative, lateral positive
+    assert assess(TriageSettings(), findings(Pneumothorax=0.2), findings(Pneumothorax=0.7)).stat
 
 
 def test_never_lower():
@@ -77,16 +84,14 @@ def _stored(rig, study_id):
         return json.loads(row.body), (triage_row.priority, triage_row.reason)
 
 
+RIS = Hl7Destination(name="ris", type="hl7", host="127.0.0.1", port=2575)
+
+
 def _oru(rig, study_id):
+    """The ORU the HL7 sender would send for the study's current version."""
     with rig.db.session() as s:
-        study = s.get(Study, study_id)
-        s.expunge(study)
-    stored = load_report(rig.ctx, study)
-    inputs = hl7_inputs(rig.ctx, study, stored)
-    message = build_oru(inputs.facts, inputs.findings_by_image, inputs.model, study_version=study.version,
-                        status=inputs.status, issued=inputs.issued, calling_ae=study.calling_ae,
-                        triage=inputs.triage, order=OrderContext())
-    return hl7.parse(encode(message))
+        work = hl7_sender.load(rig.ctx, s, s.get(Study, study_id), RIS)
+    return hl7.parse(encode(hl7_sender.message_for(rig.ctx, work)))
 
 
 def _priority_extension(report):
@@ -132,10 +137,8 @@ def test_priority_is_never_lowered_by_a_rerun(rig):
     concept = _priority_extension(report)
     assert concept["coding"][0]["code"] == "stat" and "kept from an earlier version" in concept["text"]
     with rig.db.session() as s:
-        study = s.get(Study, study_id)
-        s.expunge(study)
-    stored = load_report(rig.ctx, study)
-    assert stored_triage(stored).priority == "stat" and stored_triage(stored).critical == ()
+        scored = results.load(s, study_id, version)
+    assert scored.triage.priority == "stat" and scored.triage.critical == ()
     oru = _oru(rig, study_id)
     assert str(oru.segment("OBR")(25)) == "C"  # a correction of the earlier result
     assert str(oru.segment("TQ1")(9)(1)(1)) == "S"
@@ -147,4 +150,7 @@ def test_superseded_version_is_not_delivered(rig):
     rig.encode(study_id)
     rig.rescore(study_id, ds, {"Pneumothorax": 0.9})
     stale = type("Job", (), {"study_id": study_id, "study_version": 1})()
-    assert current_study(rig.ctx, stale) is None
+    current = type("Job", (), {"study_id": study_id, "study_version": 2})()
+    with rig.db.session() as s:
+        assert current_study(s, stale) is None
+        assert current_study(s, current).version == 2

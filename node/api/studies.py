@@ -1,14 +1,14 @@
 """`/api/v1`: the operator's view of studies and the pipeline."""
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from sqlalchemy import func, select
 
-from inference.types import DEMO_WARNING
+from node import results
 from node.api.auth import require_token
-from node.db import Instance, Job, Output, Result, Study
+from node.db import Instance, Job, Output, Study
+from node.scored_study import ScoredStudy
+from node.states import JobState, Stage
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
 
@@ -27,40 +27,41 @@ def _job_view(job: Job) -> dict:
         "study_version": job.study_version,
         "state": job.state,
         "attempts": job.attempts,
-        "next_attempt_at": _iso(job.run_after) if job.state == "pending" else None,
+        "next_attempt_at": _iso(job.run_after) if job.state == JobState.PENDING else None,
         "last_error": job.last_error or None,
     }
 
 
-def _findings_view(result: Result | None) -> list[dict]:
-    if result is None:
+def _findings_view(scored: ScoredStudy | None) -> list[dict]:
+    if scored is None:
         return []
-    images = []
-    for sop_uid, item in json.loads(result.findings_json).items():
-        images.append({
-            "sop_instance_uid": sop_uid,
+    return [
+        {
+            "sop_instance_uid": image.sop_instance_uid,
             "findings": [
                 {
-                    "label": f["label"],
-                    "probability": round(f["probability"], 4),
-                    "threshold": round(f["threshold"], 4),
-                    "positive": f["positive"],
-                    "regions": [r["bbox"] for r in f.get("regions", [])],
+                    "label": f.label,
+                    "probability": round(f.probability, 4),
+                    "threshold": round(f.threshold, 4),
+                    "positive": f.positive,
+                    "severity": f.severity,
+                    "regions": [list(r.bbox) for r in f.regions],
                 }
-                for f in item["findings"]
+                for f in image.findings
             ],
-        })
-    return images
+        }
+        for image in scored.images
+    ]
 
 
 def study_view(s, study: Study) -> dict:
-    result = s.scalar(select(Result).where(Result.study_id == study.id).order_by(Result.version.desc()).limit(1))
+    scored = results.load_latest(s, study.id)
     jobs = s.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
     instances = s.scalars(select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)).all()
     outputs = s.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.kind.desc(), Output.id)).all()
     latest = {}
     for job in jobs:
-        if job.stage == "deliver":
+        if job.stage == Stage.DELIVER:
             latest[job.destination] = job  # ordered by id: the newest version wins
     return {
         "study_instance_uid": study.study_uid,
@@ -74,13 +75,14 @@ def study_view(s, study: Study) -> dict:
         "last_received_at": _iso(study.last_received_at),
         "completed_at": _iso(study.completed_at),
         "released_at": _iso(study.released_at),
-        "model": None if result is None else {
-            "name": result.model_name,
-            "version": result.model_version,
-            "demo": result.demo,
-            "caveat": DEMO_WARNING if result.demo else None,
+        "model": None if scored is None else {
+            "name": scored.model.name,
+            "version": scored.model.version,
+            "demo": scored.model.demo,
+            "caveat": scored.model.caveat,
         },
-        "images": _findings_view(result),
+        "priority": None if scored is None else scored.triage.priority,
+        "images": _findings_view(scored),
         "instances": [
             {"sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid, "state": i.state, "reason": i.reason or None}
             for i in instances
@@ -91,7 +93,7 @@ def study_view(s, study: Study) -> dict:
         ],
         "deliveries": [
             {"destination": name, "state": j.state, "attempts": j.attempts, "study_version": j.study_version,
-             "next_attempt_at": _iso(j.run_after) if j.state == "pending" else None, "last_error": j.last_error or None}
+             "next_attempt_at": _iso(j.run_after) if j.state == JobState.PENDING else None, "last_error": j.last_error or None}
             for name, j in latest.items()
         ],
         "jobs": [_job_view(j) for j in jobs],
@@ -125,11 +127,8 @@ def list_studies(request: Request, state: str | None = None, limit: int = Query(
 
 
 def _positives(s, study: Study) -> list[str]:
-    result = s.scalar(select(Result).where(Result.study_id == study.id).order_by(Result.version.desc()).limit(1))
-    if result is None:
-        return []
-    labels = {f["label"] for item in json.loads(result.findings_json).values() for f in item["findings"] if f["positive"]}
-    return sorted(labels)
+    scored = results.load_latest(s, study.id)
+    return [] if scored is None else sorted(f.label for f in scored.positives)
 
 
 @router.get("/studies/{study_uid}")

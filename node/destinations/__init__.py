@@ -1,6 +1,8 @@
 """Per-type senders used by the deliver stage (node/pipeline/deliver.py).
 
-Each sender is `send(ctx, job, destination) -> None` and raises
+Each sender module has `load(ctx, session, study, destination) -> Work`,
+reading what it sends from the database (the study's `ScoredStudy` or its
+output files), and `send(ctx, work) -> None`, which raises
 node.jobs.RetryableError or PermanentError; a normal return means delivered.
 """
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 from node.destinations import dicom, fhir, hl7
 
 SENDERS = {
-    "dicom": dicom.send,
-    "fhir": fhir.send,
-    "hl7": hl7.send,
+    "dicom": dicom,
+    "fhir": fhir,
+    "hl7": hl7,
 }

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from dicom_scp.scu import SendError, send_files
 from node.config import DicomDestination
 from node.context import NodeContext
-from node.db import Job, Output
+from node.db import Output, Study
 from node.jobs import PermanentError, RetryableError
+from node.states import OutputKind
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +24,29 @@ def _is_permanent(status: int) -> bool:
     return 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 
 
-def send(ctx: NodeContext, job: Job, destination: DicomDestination) -> None:
-    with ctx.db.session() as s:
-        paths = [
-            Path(p)
-            for p in s.scalars(
-                select(Output.path)
-                .where(Output.study_id == job.study_id, Output.version == job.study_version)
-                .order_by(Output.kind.desc(), Output.id)  # SR first
-            )
-        ]
+@dataclass(frozen=True)
+class DicomDelivery:
+    destination: DicomDestination
+    study_uid: str
+    version: int
+    paths: tuple[Path, ...]  # the SR first, then the SCs
+
+
+def load(ctx: NodeContext, session: Session, study: Study, destination: DicomDestination) -> DicomDelivery:
+    rows = session.execute(
+        select(Output.kind, Output.path)
+        .where(Output.study_id == study.id, Output.version == study.version)
+        .order_by(Output.id)
+    ).all()
+    paths = [Path(path) for kind, path in rows if kind == OutputKind.SR]
+    paths += [Path(path) for kind, path in rows if kind != OutputKind.SR]
     if not paths:
         raise PermanentError("no encoded outputs to deliver")
+    return DicomDelivery(destination, study.study_uid, study.version, tuple(paths))
+
+
+def send(ctx: NodeContext, work: DicomDelivery) -> None:
+    destination, paths = work.destination, list(work.paths)
     try:
         report = send_files(
             paths,
@@ -49,4 +63,4 @@ def send(ctx: NodeContext, job: Job, destination: DicomDestination) -> None:
         if all(_is_permanent(st) for st in failed.values()):
             raise PermanentError(f"{destination.name} refused: {detail}")
         raise RetryableError(f"{destination.name} did not store: {detail}")
-    log.info("delivered %d objects to %s (study id %d v%d)", len(paths), destination.name, job.study_id, job.study_version)
+    log.info("delivered %d objects to %s (study %s v%d)", len(paths), destination.name, work.study_uid, work.version)

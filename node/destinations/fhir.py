@@ -31,16 +31,19 @@ import copy
 import json
 import logging
 import os
+from dataclasses import dataclass
 from urllib.parse import quote
 
 import httpx
+from sqlalchemy.orm import Session
 
+from node import results
 from node.config import FhirDestination
 from node.context import NodeContext
-from node.db import Job
-from node.destinations.report import report_to_send
+from node.db import Study
 from node.jobs import PermanentError, RetryableError
-from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM
+from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM, build_report_resources
+from node.scored_study import ScoredStudy
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,26 @@ RETRYABLE_STATUS = {408, 429}
 FHIR_JSON = "application/fhir+json"
 
 
-def send(ctx: NodeContext, job: Job, destination: FhirDestination) -> None:
-    found = report_to_send(ctx, job, destination.name)
-    if found is None:
-        return
-    study, stored = found
-    bundle = transaction_bundle(stored.resources, send_patient=destination.send_patient)
+@dataclass(frozen=True)
+class FhirDelivery:
+    destination: FhirDestination
+    scored: ScoredStudy
+
+
+def load(ctx: NodeContext, session: Session, study: Study, destination: FhirDestination) -> FhirDelivery:
+    return FhirDelivery(destination, results.load(session, study.id, study.version))
+
+
+# The Bundle lists the report, what it references, then who made it.
+_BUNDLE_ORDER = ("DiagnosticReport", "Observation", "ImagingStudy", "Patient", "Device", "Provenance")
+
+
+def send(ctx: NodeContext, work: FhirDelivery) -> None:
+    destination, scored = work.destination, work.scored
+    # The same builder as the FHIR API's stored resources: the same input gives the same JSON.
+    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system)
+    resources.sort(key=lambda r: _BUNDLE_ORDER.index(r["resourceType"]))
+    bundle = transaction_bundle(resources, send_patient=destination.send_patient)
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **auth_headers(destination)}
     auth = None
     if destination.auth is not None and destination.auth.type == "basic":
@@ -67,8 +84,8 @@ def send(ctx: NodeContext, job: Job, destination: FhirDestination) -> None:
     except httpx.HTTPError as exc:
         raise RetryableError(f"{destination.name}: {type(exc).__name__}: {exc}") from exc
     check_response(destination.name, response)
-    log.info("FHIR transaction of %d entries accepted by %s (study id %d v%d, report %s)",
-             len(bundle["entry"]), destination.name, job.study_id, job.study_version, stored.report["id"])
+    log.info("FHIR transaction of %d entries accepted by %s (study %s v%d, report %s)",
+             len(bundle["entry"]), destination.name, scored.study_uid, scored.version, scored.report_id)
 
 
 def auth_headers(destination: FhirDestination) -> dict:

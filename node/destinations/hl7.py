@@ -15,18 +15,23 @@ did process the first copy can recognise the duplicate.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
 from dataclasses import dataclass
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node import results
 from node.config import Hl7Destination
 from node.context import NodeContext
-from node.db import Job
-from node.destinations.report import hl7_inputs, report_to_send
+from node.db import InboundOrder, InboundPatient, Study
 from node.er7 import Er7Message
 from node.jobs import PermanentError, RetryableError
 from node.outputs.hl7_oru import OrderContext, OruHeader, build_oru, encode, hd_from_system
+from node.scored_study import ScoredStudy
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +96,47 @@ def parse_ack(payload: str) -> Ack:
                text=" | ".join(texts))
 
 
-def send(ctx: NodeContext, job: Job, destination: Hl7Destination) -> None:
-    found = report_to_send(ctx, job, destination.name)
-    if found is None:
-        return
-    study, stored = found
-    inputs = hl7_inputs(ctx, study, stored)
-    order = inputs.order
-    message = build_oru(
-        inputs.facts,
-        inputs.findings_by_image,
-        inputs.model,
-        study_version=study.version,
-        status=inputs.status,
-        issued=inputs.issued,
-        calling_ae=study.calling_ae,
+@dataclass(frozen=True)
+class Hl7Delivery:
+    destination: Hl7Destination
+    scored: ScoredStudy  # facts with the RIS's demographics filled in where DICOM had none
+    order: OrderContext  # what an inbound ORM^O01 (and ADT) said about this accession
+
+
+def load(ctx: NodeContext, session: Session, study: Study, destination: Hl7Destination) -> Hl7Delivery:
+    scored = results.load(session, study.id, study.version)
+    facts = scored.facts
+    order = None
+    if facts.accession_number:
+        order = session.scalar(select(InboundOrder).where(InboundOrder.accession_number == facts.accession_number))
+    known = session.get(InboundPatient, facts.patient_id) if facts.patient_id else None
+    if known is not None:
+        # DICOM stays authoritative; the RIS only fills what the header left empty.
+        facts = dataclasses.replace(
+            facts,
+            patient_name=facts.patient_name or known.name,
+            patient_birth_date=facts.patient_birth_date or known.birth_date,
+            patient_sex=facts.patient_sex or known.sex,
+        )
+    return Hl7Delivery(
+        destination=destination,
+        scored=dataclasses.replace(scored, facts=facts),
+        order=OrderContext(
+            placer_order_number=order.placer_order_number if order else "",
+            filler_order_number=order.filler_order_number if order else "",
+            procedure_code=order.procedure_code if order else "",
+            procedure_text=order.procedure_text if order else "",
+            procedure_system=order.procedure_system if order else "",
+            patient_class=known.patient_class if known is not None else "",
+        ),
+    )
+
+
+def message_for(ctx: NodeContext, work: Hl7Delivery):
+    """The ORU^R01 this delivery sends (hl7apy Message)."""
+    destination = work.destination
+    return build_oru(
+        work.scored,
         header=OruHeader(
             sending_application=destination.sending_application,
             sending_facility=destination.sending_facility,
@@ -115,16 +146,13 @@ def send(ctx: NodeContext, job: Job, destination: Hl7Destination) -> None:
         ),
         patient_authority=destination.patient_id_authority
         or hd_from_system(ctx.settings.api.patient_identifier_system),
-        triage=inputs.triage,
-        order=OrderContext(
-            placer_order_number=order.placer_order_number if order else "",
-            filler_order_number=order.filler_order_number if order else "",
-            procedure_code=order.procedure_code if order else "",
-            procedure_text=order.procedure_text if order else "",
-            procedure_system=order.procedure_system if order else "",
-            patient_class=inputs.patient_class,
-        ),
+        order=work.order,
     )
+
+
+def send(ctx: NodeContext, work: Hl7Delivery) -> None:
+    destination = work.destination
+    message = message_for(ctx, work)
     control_id = str(message.msh.msh_10.value)
     try:
         reply = exchange(
@@ -141,8 +169,8 @@ def send(ctx: NodeContext, job: Job, destination: Hl7Destination) -> None:
         raise RetryableError(f"{destination.name}: ACK is for message {ack.control_id!r}, not {control_id!r}")
     detail = f"MSA-1 {ack.code}" + (f": {ack.text}" if ack.text else "")
     if ack.code in ("AA", "CA"):
-        log.info("ORU %s accepted by %s (study id %d v%d)", control_id, destination.name, job.study_id,
-                 job.study_version)
+        log.info("ORU %s accepted by %s (study %s v%d)", control_id, destination.name, work.scored.study_uid,
+                 work.scored.version)
         return
     if ack.code in ("AR", "CR"):
         raise PermanentError(f"{destination.name} rejected ORU {control_id}: {detail}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from inference.types import Finding, ImageResult, ModelInfo
+from inference.types import Finding, ModelInfo
 from node.terminology import load_terminology
 
 BACKGROUND = (0, 0, 0)
@@ -127,14 +128,15 @@ def finding_banner(finding: Finding, model: ModelInfo) -> list[BannerLine]:
     return [BannerLine(_finding_text(finding)), BannerLine(_model_line(model)), *_caveat_lines(model)]
 
 
-def summary_banner(result: ImageResult, model: ModelInfo, top: int = 3) -> list[BannerLine]:
-    """Every positive finding; without positives, the `top` most probable ones."""
-    if result.positives:
-        head = BannerLine(f"AI findings above threshold ({len(result.positives)}):")
-        shown = sorted(result.positives, key=lambda f: f.probability, reverse=True)
+def summary_banner(findings: Sequence[Finding], model: ModelInfo, top: int = 3) -> list[BannerLine]:
+    """Every positive finding of one image; without positives, the `top` most probable ones."""
+    positives = [f for f in findings if f.positive]
+    if positives:
+        head = BannerLine(f"AI findings above threshold ({len(positives)}):")
+        shown = sorted(positives, key=lambda f: f.probability, reverse=True)
     else:
         head = BannerLine(f"No finding above its operating threshold. Highest {top}:")
-        shown = sorted(result.findings, key=lambda f: f.probability, reverse=True)[:top]
+        shown = sorted(findings, key=lambda f: f.probability, reverse=True)[:top]
     return [head, *(BannerLine(_finding_text(f)) for f in shown), BannerLine(_model_line(model)), *_caveat_lines(model)]
 
 

@@ -21,8 +21,6 @@ version lives in meta.versionId and is assigned by node.fhir_store.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
-from typing import Iterable
 
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -31,11 +29,13 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.provenance import Provenance
 
-from inference.types import CHESTXRAY14, DEMO_WARNING, Finding, ModelInfo
+from inference.types import DEMO_WARNING, Finding, ModelInfo
 from node.outputs import uids
 from node.outputs.equipment import device_uid
 from node.outputs.names import FHIR_GENDER, PersonName, fhir_birth_date
-from node.outputs.study_facts import SourceImage, StudyFacts
+from node.report import device_id, imaging_study_id, observation_id, patient_id, provenance_id
+from node.scored_study import ScoredStudy
+from node.study_facts import SourceImage
 from node.terminology import load_terminology, procedure_coding
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
@@ -46,44 +46,6 @@ UCUM = "http://unitsofmeasure.org"
 # (R4 has no DiagnosticReport.priority). Defined in
 # fhir/StructureDefinition-carina-triage-priority.json.
 TRIAGE_PRIORITY_URL = "http://carina.local/fhir/StructureDefinition/ai-triage-priority"
-REPORT_STATUSES = ("registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled")
-
-# Fixed namespace: changing it would re-key every resource a site has stored.
-_ID_NAMESPACE = uuid.UUID("6f1c2a1e-6b0e-5c8a-9a51-3f0b8c1d2e47")
-
-
-def resource_id(kind: str, *parts: str) -> str:
-    """A stable FHIR id (UUID5, 36 chars, within the 64-char id limit)."""
-    return str(uuid.uuid5(_ID_NAMESPACE, "|".join((kind, *parts))))
-
-
-def report_id(calling_ae: str, study_uid: str) -> str:
-    # Keyed by calling AE too: the node keeps two routes' copies of one
-    # StudyInstanceUID apart (db.Study), so their reports must not merge either.
-    return resource_id("DiagnosticReport", calling_ae, study_uid)
-
-
-def observation_id(calling_ae: str, study_uid: str, label: str) -> str:
-    return resource_id("Observation", calling_ae, study_uid, label)
-
-
-def imaging_study_id(calling_ae: str, study_uid: str) -> str:
-    return resource_id("ImagingStudy", calling_ae, study_uid)
-
-
-def device_id(model: ModelInfo) -> str:
-    # From the model's identity, the same inputs as uids.device_uid: one
-    # Device per model, and a new one whenever the model changes (IHE AIR).
-    return resource_id("Device", model.name, model.version, model.weights_sha256 or "demo")
-
-
-def provenance_id(calling_ae: str, study_uid: str, study_version: int) -> str:
-    # One Provenance per AI run (study version): each records its own activity.
-    return resource_id("Provenance", calling_ae, study_uid, str(study_version))
-
-
-def patient_id(patient_system: str, patient_value: str) -> str:
-    return resource_id("Patient", patient_system, patient_value)
 
 
 def uuid_identifier(resource_id_: str) -> dict:
@@ -94,47 +56,27 @@ def uuid_identifier(resource_id_: str) -> dict:
     return {"system": URI_SYSTEM, "value": f"urn:uuid:{resource_id_}"}
 
 
-def build_report_resources(
-    facts: StudyFacts,
-    findings_by_image: dict[str, list[Finding]],
-    model: ModelInfo,
-    *,
-    study_version: int,
-    status: str = "preliminary",
-    issued: dt.datetime,
-    patient_system: str,
-    calling_ae: str,
-    triage=None,
-) -> list[dict]:
+def build_report_resources(study: ScoredStudy, *, patient_system: str) -> list[dict]:
     """[DiagnosticReport, Observation x14, Device, ImagingStudy, Provenance,
     Patient (only with a PatientID)] as R4 JSON dicts.
 
-    `findings_by_image` maps scored SOP Instance UIDs to that image's 14
-    findings; the study-level result per label is the image with the highest
-    probability (a finding seen on any view is a finding of the study).
-    `triage` (node.triage.Triage) adds the priority extension and marks the
-    critical findings AA; None leaves both out.
+    Each Observation is the study-level result for its label: the image with
+    the highest probability (a finding seen on any view is a finding of the
+    study). The triage priority becomes the report's priority extension and
+    marks the critical findings AA.
     """
-    if status not in REPORT_STATUSES:
-        raise ValueError(f"status {status!r} is not a DiagnosticReport status")
-    strongest = strongest_findings(findings_by_image)
-    images = {img.sop_instance_uid: img for img in facts.images}
-    unknown = set(findings_by_image) - set(images)
-    if unknown:
-        raise ValueError(f"findings for images not in the study facts: {sorted(unknown)}")
-
-    ctx = _Context(facts, model, status, _instant(issued), patient_system, calling_ae, triage)
+    ctx = _Context(study, patient_system)
     observations = [
-        _observation(ctx, label, finding, images[sop_uid]) for label, (sop_uid, finding) in strongest.items()
+        _observation(ctx, label, finding, study.source(sop_uid)) for label, (sop_uid, finding) in study.strongest.items()
     ]
-    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in facts.images], model.ref, study_version)
-    report = _diagnostic_report(ctx, strongest, observations, sr_uid)
+    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in study.facts.images], study.model.ref, study.version)
+    report = _diagnostic_report(ctx, observations, sr_uid)
     resources = [
         report,
         *observations,
-        _device(model),
+        _device(study.model),
         _imaging_study(ctx),
-        _provenance(ctx, report, observations, study_version),
+        _provenance(ctx, report, observations, study.version),
     ]
     patient = _patient(ctx)
     if patient is not None:
@@ -162,48 +104,34 @@ def validate(resource: dict) -> None:
 class _Context:
     """What every resource of one study shares."""
 
-    def __init__(self, facts, model, status, issued, patient_system, calling_ae, triage):
-        self.facts, self.model, self.status, self.issued = facts, model, status, issued
+    def __init__(self, study: ScoredStudy, patient_system: str):
+        self.study = study
+        self.facts, self.model, self.status = study.facts, study.model, str(study.status)
+        self.issued = _instant(study.issued)
         self.terms = load_terminology()
-        self.effective = dicom_datetime(facts.study_date, facts.study_time)
+        self.effective = dicom_datetime(self.facts.study_date, self.facts.study_time)
         self.patient_system = patient_system
-        self.subject = patient_reference(patient_system, facts.patient_id)
-        self.study_ref = {"reference": f"ImagingStudy/{imaging_study_id(calling_ae, facts.study_uid)}"}
-        self.device_ref = {"reference": f"Device/{device_id(model)}"}
-        self.calling_ae = calling_ae
-        self.triage = triage
+        self.subject = patient_reference(patient_system, self.facts.patient_id)
+        self.study_ref = {"reference": f"ImagingStudy/{imaging_study_id(study.calling_ae, self.facts.study_uid)}"}
+        self.device_ref = {"reference": f"Device/{device_id(study.model)}"}
+        self.calling_ae = study.calling_ae
+        self.triage = study.triage
         self.ai_asserted = self.terms.fhir["ai_asserted"].fhir()
 
 
-def strongest_findings(findings_by_image: dict[str, list[Finding]]) -> dict[str, tuple[str, Finding]]:
-    if not findings_by_image:
-        raise ValueError("no scored images: a report needs at least one")
-    best: dict[str, tuple[str, Finding]] = {}
-    for sop_uid in sorted(findings_by_image):  # sorted: ties resolve the same way every run
-        for finding in findings_by_image[sop_uid]:
-            if finding.label not in CHESTXRAY14:
-                raise ValueError(f"unknown finding label {finding.label!r}")
-            if finding.label not in best or finding.probability > best[finding.label][1].probability:
-                best[finding.label] = (sop_uid, finding)
-    missing = [label for label in CHESTXRAY14 if label not in best]
-    if missing:
-        raise ValueError(f"findings missing for {missing}")
-    return {label: best[label] for label in CHESTXRAY14}
-
-
-def _diagnostic_report(ctx: _Context, strongest, observations: list[dict], sr_uid: str) -> dict:
-    positives = [finding for _, finding in strongest.values() if finding.positive]
+def _diagnostic_report(ctx: _Context, observations: list[dict], sr_uid: str) -> dict:
+    positives = ctx.study.positives
     based_on = [{"type": "ServiceRequest", "identifier": _accession(ctx)}] if ctx.facts.accession_number else None
     codes = [
         {"coding": [ctx.terms.finding(f.label).snomed.fhir()], "text": ctx.terms.finding(f.label).display}
         for f in positives
     ]
-    rid = report_id(ctx.calling_ae, ctx.facts.study_uid)
+    rid = ctx.study.report_id
     return _present({
         "resourceType": "DiagnosticReport",
         "id": rid,
         "meta": {"security": [ctx.ai_asserted]},
-        "extension": [_triage_extension(ctx)] if ctx.triage is not None else None,
+        "extension": [_triage_extension(ctx)],
         # The report is the FHIR face of the TID 1500 SR Carina sends to PACS
         # (IHE AIR), so its first business identifier is that SR's SOP
         # Instance UID: an EHR can fetch the matching DICOM object. The study
@@ -223,7 +151,7 @@ def _diagnostic_report(ctx: _Context, strongest, observations: list[dict], sr_ui
         "issued": ctx.issued,
         "result": [{"reference": f"Observation/{o['id']}"} for o in observations],
         "imagingStudy": [ctx.study_ref],
-        "conclusion": conclusion(ctx.model, positives),
+        "conclusion": ctx.study.conclusion,
         "conclusionCode": codes or None,
     })
 
@@ -248,19 +176,6 @@ def _procedure_code(ctx: _Context):
     return procedure_coding(ctx.terms, [img.view_position or img.sop_instance_uid for img in ctx.facts.images])
 
 
-def conclusion(model: ModelInfo, positives: Iterable[Finding]) -> str:
-    """The human sentence: positive findings with probabilities, demo caveat first."""
-    terms = load_terminology()
-    positives = sorted(positives, key=lambda f: -f.probability)
-    if positives:
-        listed = ", ".join(f"{terms.finding(f.label).display} ({f.probability:.0%})" for f in positives)
-        text = f"AI findings above the operating threshold: {listed}."
-    else:
-        text = "No AI finding above the operating threshold."
-    text += f" Model {model.name} {model.version}; not reviewed by a radiologist."
-    return f"{DEMO_WARNING}. {text}" if model.demo else text
-
-
 def _observation(ctx: _Context, label: str, finding: Finding, image: SourceImage) -> dict:
     codes = ctx.terms.finding(label)
     coding = [codes.snomed.fhir()] + ([codes.radlex.fhir()] if codes.radlex else [])
@@ -271,7 +186,7 @@ def _observation(ctx: _Context, label: str, finding: Finding, image: SourceImage
     oid = observation_id(ctx.calling_ae, ctx.facts.study_uid, label)
     verdict = ctx.terms.interpretation["positive" if finding.positive else "negative"]["fhir"].fhir()
     interpretation = [{"coding": [verdict]}]
-    if ctx.triage is not None and label in ctx.triage.critical:
+    if label in ctx.triage.critical:
         interpretation.append({"coding": [ctx.terms.interpretation["critical"]["fhir"].fhir()]})
     return _present({
         "resourceType": "Observation",

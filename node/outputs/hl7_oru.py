@@ -12,7 +12,8 @@ because every code comes from fhir/terminology.json:
   probability, as the SR NUM and Observation.valueQuantity; OBX-8 the verdict
   flag (Table 0078: A / N, and AA for a triage-critical finding).
 - Result status (OBR-25, OBX-11): P for a preliminary report, C for a
-  correction (an amended report after a re-run), F once final.
+  correction (an amended report after a re-run). Carina never issues F: an AI
+  result is final only once a radiologist signs it, which happens elsewhere.
 - Priority: TQ1-9 (Table 0485) and OBR-27.6 (Table 0027) R or S.
 - NTE after OBR: the AI disclaimer (with the demo-weights caveat first when it
   applies), the conclusion sentence, and the triage reason.
@@ -34,15 +35,16 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.v2_5_1 import FT, IS, ST
 
-from inference.types import DEMO_WARNING, Finding, ModelInfo
-from node.outputs import fhir_report
+from inference.types import DEMO_WARNING
+from node.outputs.equipment import device_uid
 from node.outputs.names import PersonName
-from node.outputs.study_facts import StudyFacts
+from node.report import ReportStatus, conclusion
+from node.scored_study import ScoredStudy
 from node.terminology import load_terminology, procedure_coding
 
 VERSION = "2.5.1"
 CHARSET = "UNICODE UTF-8"  # MSH-18, Table 0211
-RESULT_STATUS = {"preliminary": "P", "amended": "C", "corrected": "C", "final": "F"}
+RESULT_STATUS = {ReportStatus.PRELIMINARY: "P", ReportStatus.AMENDED: "C"}  # OBR-25 / OBX-11, Table 0123
 AI_DISCLAIMER = (
     "AI-generated result (Carina). Not reviewed by a radiologist; probabilities are model outputs, "
     "not calibrated risks."
@@ -85,31 +87,24 @@ def hd_from_system(system: str) -> str:
 
 
 def build_oru(
-    facts: StudyFacts,
-    findings_by_image: dict[str, list[Finding]],
-    model: ModelInfo,
+    study: ScoredStudy,
     *,
-    study_version: int,
-    status: str,
-    issued: dt.datetime,
-    calling_ae: str,
     header: OruHeader = OruHeader(),
     patient_authority: str = "",
-    triage=None,
     order: OrderContext | None = None,
 ) -> Message:
-    """The ORU^R01 as an hl7apy Message (validated: a bad message never leaves)."""
-    if status not in RESULT_STATUS:
-        raise ValueError(f"no HL7 result status for report status {status!r}")
+    """The ORU^R01 of one scored study version as an hl7apy Message (validated:
+    a bad message never leaves). `study.facts` may carry RIS demographics
+    merged in by the sender; `order` is what an inbound ORM said."""
     terms = load_terminology()
     order = order or OrderContext()
-    result_status = RESULT_STATUS[status]
-    strongest = fhir_report.strongest_findings(findings_by_image)
-    report_id = fhir_report.report_id(calling_ae, facts.study_uid)
-    issued_ts = _ts(issued)
+    facts, model, triage = study.facts, study.model, study.triage
+    result_status = RESULT_STATUS[study.status]
+    strongest = study.strongest
+    issued_ts = _ts(study.issued)
     observed_ts = _dicom_ts(facts.study_date, facts.study_time)
-    priority = triage.priority if triage is not None else "routine"
-    critical = set(triage.critical) if triage is not None else set()
+    priority = triage.priority
+    critical = set(triage.critical)
 
     msg = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
     msh = msg.msh
@@ -122,7 +117,7 @@ def build_oru(
         msh.msh_6.hd_1 = IS(header.receiving_facility)
     msh.msh_7 = issued_ts
     msh.msh_9 = "ORU^R01^ORU_R01"
-    msh.msh_10 = control_id(report_id, study_version)
+    msh.msh_10 = control_id(study.report_id, study.version)
     msh.msh_11 = header.processing_id
     msh.msh_12 = VERSION
     msh.msh_18 = CHARSET
@@ -192,14 +187,13 @@ def build_oru(
     obr.obr_25 = result_status
     obr.obr_27.tq_6 = terms.priority[priority]["v2_obr27"].code
 
-    positives = [finding for _, finding in strongest.values() if finding.positive]
     disclaimer = f"{AI_DISCLAIMER} Model {model.name} {model.version}."
     notes = [
         f"{DEMO_WARNING}: demonstration weights. {disclaimer}" if model.demo else disclaimer,
         # The same sentence as DiagnosticReport.conclusion (its caveat is in the line above).
-        fhir_report.conclusion(dataclasses.replace(model, demo=False), positives),
+        conclusion(dataclasses.replace(model, demo=False), study.positives),
     ]
-    if triage is not None and triage.stat:
+    if triage.stat:
         notes.append(f"STAT: {triage.reason}")
     for index, text in enumerate(notes, start=1):
         nte = obs_group.add_segment("NTE")
@@ -213,7 +207,7 @@ def build_oru(
     tq1_priority = terms.priority[priority]["v2_tq1"]
     tq1.tq1_9.cwe_1, tq1.tq1_9.cwe_2, tq1.tq1_9.cwe_3 = tq1_priority.code, _st(tq1_priority.display), "HL70485"
 
-    device_uid = fhir_report.device_uid(model)
+    device = device_uid(model)
     for index, (label, (_, finding)) in enumerate(strongest.items(), start=1):
         observation = obs_group.add_group("ORU_R01_OBSERVATION")
         obx = observation.add_segment("OBX")
@@ -230,7 +224,7 @@ def build_oru(
         if observed_ts:
             obx.obx_14 = observed_ts
         obx.obx_18.ei_1 = _st(f"{model.name} {model.version}"[:199])
-        obx.obx_18.ei_3 = device_uid
+        obx.obx_18.ei_3 = device
         obx.obx_18.ei_4 = "ISO"
         obx.obx_19 = issued_ts
         nte = observation.add_segment("NTE")

@@ -18,11 +18,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
-from inference.types import CHESTXRAY14, Finding, Heatmaps, ImageResult, ModelInfo
+from inference.types import CHESTXRAY14, DecodedImage, Finding, Heatmaps, ModelInfo
 from node.outputs import uids
 from node.outputs.banner import BannerLine, finding_banner, render_banner, summary_banner
 from node.outputs.equipment import MANUFACTURER, contributing_equipment, series_description
 from node.outputs.sr import source_header
+from node.scored_study import ScoredImage, ScoredStudy
 from node.terminology import load_terminology
 
 SC_SERIES_NUMBER = 9902
@@ -32,39 +33,51 @@ HEAT_OPACITY = 0.55  # at full activation; cold areas stay plain grey
 OUTLINE = (0, 255, 0)
 
 
+def display_rendition(image: DecodedImage, max_side: int = MAX_SIDE) -> np.ndarray:
+    """The 8-bit grey picture the heatmap SCs are drawn on: the decoded source
+    (VOI applied, MONOCHROME1 inverted) downscaled so its longest side is at
+    most `max_side`. The infer stage keeps it, so a source is decoded once."""
+    grey = image.display_uint8()
+    shape = _rendered_shape(grey.shape, max_side)
+    if shape != grey.shape:
+        grey = np.asarray(Image.fromarray(grey).resize(shape[::-1], Image.Resampling.LANCZOS))
+    return grey
+
+
 def build_heatmap_captures(
-    source: Dataset,
-    result: ImageResult,
-    model: ModelInfo,
+    header: Dataset,
+    image: ScoredImage,
+    display: np.ndarray,
+    study: ScoredStudy,
     *,
     manufacturer: str = MANUFACTURER,
     series_number: int = SC_SERIES_NUMBER,
     first_instance_number: int = 1,
     max_side: int = MAX_SIDE,
-    created: dt.datetime | None = None,
 ) -> list[SCImage]:
     """The summary SC first, then one per positive finding in CHESTXRAY14 order.
 
+    `header` is the source image's header and `display` its `display_rendition`.
     All SCs of a study share one series, so when a study has several source
-    images pass distinct `first_instance_number`s to keep Instance Numbers unique.
-    `created` fixes the date/time attributes (default: now) for reproducible bytes.
+    images pass distinct `first_instance_number`s to keep Instance Numbers
+    unique. Dates and times are the study's issue time: a re-run writes the same bytes.
     """
-    created = created or dt.datetime.now()
-    header = source_header(source)
-    grey = result.image.display_uint8()
-    scale = min(1.0, max_side / max(grey.shape))
-    shape = (max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)))
-    if scale < 1.0:
-        grey = np.asarray(Image.fromarray(grey).resize(shape[::-1], Image.Resampling.LANCZOS))
-    heatmaps = _rescaled(result.heatmaps, scale, shape)
+    model = study.model
+    header = source_header(header)
+    source_shape = tuple(image.heatmaps.source_shape)
+    scale = min(1.0, max_side / max(source_shape))
+    if tuple(display.shape) != _rendered_shape(source_shape, max_side):
+        raise ValueError(f"display rendition {display.shape} does not fit a {source_shape} source at {max_side}")
+    grey = display
+    heatmaps = _rescaled(image.heatmaps, scale, grey.shape)
 
-    positives = result.positives
+    positives = image.positives
     if positives:
         summary_heat = np.max([heatmaps.at_source(CHESTXRAY14.index(f.label)) for f in positives], axis=0)
     else:
         summary_heat = None  # no positive: colouring a negative map would suggest a finding
     pictures: list[tuple[str, np.ndarray, list[BannerLine], tuple[Finding, ...]]] = [
-        ("summary", summary_heat, summary_banner(result, model), positives)
+        ("summary", summary_heat, summary_banner(image.findings, model), positives)
     ]
     for finding in positives:
         heat = heatmaps.at_source(CHESTXRAY14.index(finding.label))
@@ -72,17 +85,22 @@ def build_heatmap_captures(
 
     captures = []
     for offset, (kind, heat, lines, outlined) in enumerate(pictures):
-        image = _compose(grey, heat, outlined, scale, lines)
+        picture = _compose(grey, heat, outlined, scale, lines)
         captures.append(
             _secondary_capture(
-                header, image, model, kind, lines, scale,
+                header, picture, model, kind, lines, scale,
                 manufacturer=manufacturer,
                 series_number=series_number,
                 instance_number=first_instance_number + offset,
-                created=created,
+                created=study.created_local,
             )
         )
     return captures
+
+
+def _rendered_shape(shape: tuple[int, ...], max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(shape))
+    return (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
 
 
 def jet(values: np.ndarray) -> np.ndarray:

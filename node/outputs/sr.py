@@ -24,7 +24,7 @@ otherwise shows "not supported" and nothing else. Both are in CID 7021, so
 from __future__ import annotations
 
 import copy
-import datetime as dt
+from typing import Mapping
 
 import numpy as np
 from highdicom.sr import (
@@ -59,7 +59,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, validate_value
 
-from inference.types import CHESTXRAY14, Finding, ImageResult, ModelInfo, Region
+from inference.types import Finding, ModelInfo, Region
 from node.outputs import uids
 from node.outputs.equipment import (
     DEVICE_NAME,
@@ -68,6 +68,7 @@ from node.outputs.equipment import (
     device_uid,
     series_description,
 )
+from node.scored_study import ScoredStudy
 from node.terminology import Terminology, load_terminology, procedure_coding
 
 SR_SERIES_NUMBER = 9901
@@ -82,42 +83,37 @@ _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
 def build_sr(
-    sources: list[tuple[Dataset, ImageResult]],
-    model: ModelInfo,
-    study_version: int,
+    study: ScoredStudy,
+    headers: Mapping[str, Dataset],
     predecessors: list[Dataset] | None = None,
     *,
     manufacturer: str = MANUFACTURER,
     series_number: int = SR_SERIES_NUMBER,
     title: Code | None = None,
-    created: dt.datetime | None = None,
 ) -> Comprehensive3DSR:
-    """TID 1500 SR over all scored images of one study.
+    """TID 1500 SR over all scored images of one study version.
 
-    `created` fixes Content and Instance Creation date/time (default: now);
-    everything else depends only on the inputs, so a re-run with the same
-    inputs and `created` produces identical bytes.
+    `headers` are the scored images' source headers by SOP Instance UID
+    (pixels are not needed); `predecessors` the SRs this one supersedes
+    (PS3.3 C.17.2.1 Predecessor Documents Sequence). Content and Instance
+    Creation date/time are the study's issue time, and everything else
+    depends only on the inputs, so a re-run produces identical bytes.
     """
-    if not sources:
-        raise ValueError("an SR needs at least one scored source image")
-    study_uids = {str(ds.StudyInstanceUID) for ds, _ in sources}
-    if len(study_uids) != 1:
-        raise ValueError(f"sources span {len(study_uids)} studies; one SR covers one study")
-    for ds, result in sources:
-        labels = tuple(f.label for f in result.findings)
-        if labels != CHESTXRAY14:
-            raise ValueError(f"{ds.SOPInstanceUID}: findings are not the 14 labels in CHESTXRAY14 order")
-    created = created or dt.datetime.now()
+    created = study.created_local
+    model = study.model
     terms = load_terminology()
-    headers = [source_header(ds) for ds, _ in sources]
-    study_uid = study_uids.pop()
+    headers = [source_header(headers[image.sop_instance_uid]) for image in study.images]
+    study_uids = {str(h.StudyInstanceUID) for h in headers}
+    if study_uids != {study.study_uid}:
+        raise ValueError(f"source headers name studies {sorted(study_uids)}, not {study.study_uid}")
+    study_uid = study.study_uid
     source_uids = [str(ds.SOPInstanceUID) for ds in headers]
 
     algorithm = AlgorithmIdentification(name=model.name, version=model.version)
     groups = [
         _finding_group(header, finding, model, algorithm, terms)
-        for header, (_, result) in zip(headers, sources)
-        for finding in result.findings
+        for header, image in zip(headers, study.images)
+        for finding in image.findings
     ]
     report = MeasurementReport(
         observation_context=_observation_context(model, manufacturer),
@@ -139,8 +135,8 @@ def build_sr(
         content=report,
         series_instance_uid=uids.series_uid(study_uid, model.ref, "sr"),
         series_number=series_number,
-        sop_instance_uid=uids.sr_instance_uid(source_uids, model.ref, study_version),
-        instance_number=max(1, study_version),  # later runs sort after earlier ones
+        sop_instance_uid=uids.sr_instance_uid(source_uids, model.ref, study.version),
+        instance_number=study.version,  # later runs sort after earlier ones
         manufacturer=manufacturer,
         is_complete=True,  # every scored image has all 14 findings
         is_final=False,  # PreliminaryFlag PRELIMINARY: awaiting a radiologist

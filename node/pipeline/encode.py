@@ -1,112 +1,140 @@
-"""Stage 2: turn a study's findings into DICOM objects (SR + heatmap SCs) and
-FHIR resources. UIDs and ids are deterministic, so running this again after a
-crash rewrites the same objects rather than creating new ones."""
+"""Stage 2: render a scored study as DICOM objects (SR + heatmap SCs) and FHIR resources.
+
+EncodeWork (the ScoredStudy and the files it refers to) -> Encoded (the
+objects written durably, the FHIR resources). UIDs, ids and creation times
+are deterministic, so running this again after a crash rewrites the same
+bytes rather than creating new objects.
+"""
 from __future__ import annotations
 
-import datetime as dt
 import io
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from dicom_scp.durable import write_durably
-from dicom_scp.scp import safe_path_component
-from inference import decode_dicom, result_from_json
-from node import triage as ai_triage
+from inference import decode_dicom
+from node import results
 from node.context import NodeContext
-from node.db import Instance, Job, Output, Result, Study
+from node.db import Instance, Job, Output, Study
 from node.fhir_store import save_resources
-from node.jobs import enqueue, settle_in
+from node.jobs import enqueue
 from node.outputs.fhir_report import build_report_resources
-from node.outputs.sc import build_heatmap_captures
+from node.outputs.sc import build_heatmap_captures, display_rendition
 from node.outputs.sr import build_sr
-from node.outputs.study_facts import StudyFacts
+from node.pipeline import conclude
+from node.scored_study import ScoredStudy
+from node.states import OutputKind, Stage, StudyState
+from node.storage import display_path, output_path, write_durably
 
 log = logging.getLogger(__name__)
 
+# All SCs of a study share one series; each source image gets a block of
+# Instance Numbers (its summary and up to 19 findings) so they never collide.
+INSTANCE_NUMBERS_PER_SOURCE = 20
 
-def run(ctx: NodeContext, job: Job) -> None:
-    with ctx.db.session() as s:
-        study = s.get(Study, job.study_id)
-        if study.version != job.study_version:
-            return
-        result = s.scalar(select(Result).where(Result.study_id == study.id, Result.version == study.version))
-        payload = json.loads(result.findings_json)
-        paths = dict(
-            s.execute(
-                select(Instance.sop_instance_uid, Instance.path).where(
-                    Instance.study_id == study.id, Instance.sop_instance_uid.in_(list(payload))
-                )
-            ).all()
+
+@dataclass(frozen=True)
+class EncodeWork:
+    scored: ScoredStudy
+    sources: dict[str, Path]  # SOP Instance UID -> the received instance
+    displays: dict[str, Path]  # SOP Instance UID -> the display rendition infer kept
+    predecessor_srs: tuple[Path, ...]  # the SR of the previous version, if any
+
+
+@dataclass(frozen=True)
+class EncodedObject:
+    kind: OutputKind
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Encoded:
+    scored: ScoredStudy
+    objects: tuple[EncodedObject, ...]
+    resources: list[dict]  # FHIR R4, the DiagnosticReport first
+
+
+def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> EncodeWork:
+    scored = results.load(session, study.id, study.version)
+    uids = [image.sop_instance_uid for image in scored.images]
+    sources = dict(session.execute(
+        select(Instance.sop_instance_uid, Instance.path).where(
+            Instance.study_id == study.id, Instance.sop_instance_uid.in_(uids))
+    ).all())
+    previous = session.scalars(
+        select(Output.path)
+        .where(Output.study_id == study.id, Output.kind == OutputKind.SR, Output.version < study.version)
+        .order_by(Output.version.desc())
+        .limit(1)
+    ).all()
+    return EncodeWork(
+        scored=scored,
+        sources={uid: Path(sources[uid]) for uid in uids},
+        displays={uid: display_path(ctx.work_dir, study.calling_ae, study.study_uid, study.version, uid) for uid in uids},
+        predecessor_srs=tuple(Path(p) for p in previous),
+    )
+
+
+def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
+    scored = work.scored
+    headers = {uid: dcmread(path, stop_before_pixels=True) for uid, path in work.sources.items()}
+    predecessors = [dcmread(p, stop_before_pixels=True) for p in work.predecessor_srs if p.exists()]
+
+    objects: list[tuple[OutputKind, Dataset]] = [(OutputKind.SR, build_sr(scored, headers, predecessors or None))]
+    for index, image in enumerate(scored.images):
+        uid = image.sop_instance_uid
+        captures = build_heatmap_captures(
+            headers[uid], image, _display(work, uid), scored,
+            first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
         )
-        previous_sr_paths = s.scalars(
-            select(Output.path)
-            .where(Output.study_id == study.id, Output.kind == "sr", Output.version < study.version)
-            .order_by(Output.version.desc())
-            .limit(1)
-        ).all()
-        calling_ae, study_key, version = study.calling_ae, (study.calling_ae, study.study_uid), study.version
-        earlier_triage = ai_triage.previous(s, study.id)
+        objects.extend((OutputKind.SC, sc) for sc in captures)
 
-    sources: list[tuple[Dataset, object]] = []
-    for sop_uid, item in payload.items():
-        ds = dcmread(paths[sop_uid])
-        sources.append((ds, result_from_json(item, decode_dicom(ds))))
-    model = sources[0][1].model
-    predecessors = [dcmread(p, stop_before_pixels=True) for p in previous_sr_paths if Path(p).exists()]
-
-    objects: list[tuple[str, Dataset]] = [("sr", build_sr(sources, model, version, predecessors=predecessors or None))]
-    for index, (ds, image_result) in enumerate(sources):
-        # All SCs of a study share one series; keep their Instance Numbers apart.
-        captures = build_heatmap_captures(ds, image_result, model, first_instance_number=1 + 20 * index)
-        objects.extend(("sc", sc) for sc in captures)
-
-    out_dir = ctx.outputs_dir / safe_path_component(study_key[0]) / safe_path_component(study_key[1])
     written = []
     for kind, obj in objects:
-        path = out_dir / f"{kind}-{obj.SOPInstanceUID}.dcm"
+        path = output_path(ctx.outputs_dir, scored.calling_ae, scored.study_uid, kind, obj.SOPInstanceUID)
         buffer = io.BytesIO()
         obj.save_as(buffer, enforce_file_format=True)
         write_durably(buffer.getvalue(), path)
-        written.append((kind, obj, path))
+        written.append(EncodedObject(kind, str(obj.SOPInstanceUID), str(obj.SOPClassUID),
+                                     str(obj.SeriesInstanceUID), path))
+    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system)
+    return Encoded(scored, tuple(written), resources)
 
-    facts = StudyFacts.from_datasets([ds for ds, _ in sources])
-    # Critical findings raise priority; an earlier STAT is never lowered.
-    triage = ai_triage.never_lower(
-        earlier_triage, ai_triage.assess(ctx.settings.triage, [f for _, r in sources for f in r.findings])
-    )
-    resources = build_report_resources(
-        facts,
-        {ds.SOPInstanceUID: list(r.findings) for ds, r in sources},
-        model,
-        study_version=version,
-        status="preliminary" if version == 1 else "amended",
-        issued=dt.datetime.now(dt.timezone.utc),
-        patient_system=ctx.settings.api.patient_identifier_system,
-        calling_ae=calling_ae,
-        triage=triage,
-    )
 
-    with ctx.db.session() as s:
-        settle_in(s, job)  # outputs, FHIR versions and job completion commit together
-        study = s.get(Study, job.study_id)
-        if study.version != job.study_version:
-            return
-        for kind, obj, path in written:
-            row = s.scalar(select(Output).where(Output.study_id == study.id, Output.sop_instance_uid == obj.SOPInstanceUID))
-            if row is None:
-                row = Output(study_id=study.id, sop_instance_uid=str(obj.SOPInstanceUID))
-                s.add(row)
-            row.version, row.kind, row.path = version, kind, str(path)
-            row.sop_class_uid, row.series_uid = str(obj.SOPClassUID), str(obj.SeriesInstanceUID)
-        save_resources(s, resources, study.id)
-        ai_triage.record(s, study.id, version, triage)
-        study.state = "done"
-        study.reason = ""
-        for destination in ctx.settings.destinations:
-            enqueue(s, study.id, "deliver", version, destination=destination.name)
-    log.info("study %s encoded: %d DICOM objects, %d FHIR resources", study_key[1], len(written), len(resources))
+def _display(work: EncodeWork, sop_uid: str) -> np.ndarray:
+    """The rendition infer kept; decoded again only if it is gone (e.g. a
+    restored backup without the work directory)."""
+    path = work.displays[sop_uid]
+    if path.exists():
+        with Image.open(path) as picture:
+            return np.asarray(picture)
+    log.warning("display rendition of %s missing; decoding the source again", sop_uid)
+    return display_rendition(decode_dicom(dcmread(work.sources[sop_uid])))
+
+
+def settle(ctx: NodeContext, session: Session, study: Study, encoded: Encoded) -> None:
+    """Outputs, FHIR versions and the deliver jobs commit with "encode done"."""
+    for obj in encoded.objects:
+        row = session.scalar(select(Output).where(Output.study_id == study.id,
+                                                  Output.sop_instance_uid == obj.sop_instance_uid))
+        if row is None:
+            row = Output(study_id=study.id, sop_instance_uid=obj.sop_instance_uid)
+            session.add(row)
+        row.version, row.kind, row.path = encoded.scored.version, obj.kind, str(obj.path)
+        row.sop_class_uid, row.series_uid = obj.sop_class_uid, obj.series_uid
+    save_resources(session, encoded.resources, study.id)
+    conclude(study, StudyState.DONE)
+    for destination in ctx.settings.destinations:
+        enqueue(session, study.id, Stage.DELIVER, encoded.scored.version, destination=destination.name)
+    log.info("study %s encoded: %d DICOM objects, %d FHIR resources", study.study_uid, len(encoded.objects),
+             len(encoded.resources))

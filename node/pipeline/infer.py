@@ -1,97 +1,168 @@
-"""Stage 1: route, decode and score every candidate instance of a study."""
+"""Stage 1: route, decode and score every candidate instance of a study version.
+
+InferWork (the candidate instances) -> Inferred (each instance's verdict and,
+when anything was scored, the `ScoredStudy`). Each source is read and decoded
+here once per study version: the study facts come from the same headers, and
+the display rendition the heatmap SCs are drawn on is kept beside the outputs
+(node/storage.py `display_path`), so no later stage decodes pixels again.
+"""
 from __future__ import annotations
 
-import json
+import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from inference import DecodeError, DecodedImage, decode_dicom, result_to_json
+from inference import DecodeError, DecodedImage, decode_dicom
+from inference.types import ImageResult
+from node import results, triage
 from node.context import NodeContext
-from node.db import Instance, Job, Result, Study
-from node.jobs import enqueue, settle_in
+from node.db import Instance, Job, Study
+from node.jobs import enqueue
+from node.outputs.sc import display_rendition
+from node.pipeline import conclude
+from node.report import ReportStatus, Triage, assess_triage, never_lower, strongest_findings
 from node.routing import exclusion
+from node.scored_study import ScoredImage, ScoredStudy
+from node.states import SCOREABLE_INSTANCE_STATES, InstanceState, Stage, StudyState
+from node.storage import display_path, write_durably
+from node.study_facts import StudyFacts
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("stored", "scored")
+
+@dataclass(frozen=True)
+class Candidate:
+    instance_id: int
+    sop_uid: str
+    path: Path
 
 
-@dataclass
+@dataclass(frozen=True)
+class InferWork:
+    study_id: int
+    calling_ae: str
+    study_uid: str
+    version: int
+    candidates: tuple[Candidate, ...]
+    earlier_triage: Triage | None  # a priority is never lowered
+
+
+@dataclass(frozen=True)
 class Assessment:
     """One instance's fate before the model: an image to score, or why not."""
 
-    instance_id: int
-    sop_uid: str
-    image: DecodedImage | None = None
-    state: str = "scored"  # scored | ignored | failed
+    candidate: Candidate
+    state: InstanceState
     reason: str = ""
+    header: Dataset | None = None  # pixels deferred: read only by the decode
+    image: DecodedImage | None = None
 
 
-def assess(ctx: NodeContext, instance_id: int, sop_uid: str, path: str) -> Assessment:
-    """Never raises: hostile files end as 'failed' with a reason."""
-    out = Assessment(instance_id, sop_uid)
+@dataclass(frozen=True)
+class Inferred:
+    assessments: tuple[Assessment, ...]
+    scored: ScoredStudy | None  # None: nothing could be scored
+
+
+def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> InferWork:
+    rows = session.execute(
+        select(Instance.id, Instance.sop_instance_uid, Instance.path)
+        .where(Instance.study_id == study.id, Instance.state.in_(SCOREABLE_INSTANCE_STATES))
+        .order_by(Instance.id)
+    ).all()
+    return InferWork(
+        study_id=study.id,
+        calling_ae=study.calling_ae,
+        study_uid=study.study_uid,
+        version=study.version,
+        candidates=tuple(Candidate(i, sop, Path(path)) for i, sop, path in rows),
+        earlier_triage=triage.previous(session, study.id),
+    )
+
+
+def assess(ctx: NodeContext, candidate: Candidate) -> Assessment:
+    """Never raises: hostile files end as FAILED with a reason."""
     try:
         # defer_size: a 1 GB PixelData is not read until decode has checked
         # the header's dimensions against the pixel budget.
-        ds = dcmread(path, defer_size="2 MB")
+        ds = dcmread(candidate.path, defer_size="2 MB")
         rule = exclusion(ds, ctx.settings.routing)
         if rule:
-            out.state, out.reason = "ignored", rule
-            return out
-        out.image = decode_dicom(ds)
+            return Assessment(candidate, InstanceState.IGNORED, rule)
+        return Assessment(candidate, InstanceState.SCORED, header=ds, image=decode_dicom(ds))
     except DecodeError as exc:
-        out.state, out.reason = "failed", f"failed: {exc}"
+        reason = f"failed: {exc}"
     except Exception as exc:  # truncated, corrupt, not DICOM at all
-        out.state, out.reason = "failed", f"failed: unreadable DICOM ({type(exc).__name__}: {exc})"[:500]
-    if out.state == "failed":
-        log.warning("instance %s not scoreable: %s", sop_uid, out.reason)
-    return out
+        reason = f"failed: unreadable DICOM ({type(exc).__name__}: {exc})"[:500]
+    log.warning("instance %s not scoreable: %s", candidate.sop_uid, reason)
+    return Assessment(candidate, InstanceState.FAILED, reason)
 
 
-def run(ctx: NodeContext, job: Job) -> None:
-    with ctx.db.session() as s:
-        study = s.get(Study, job.study_id)
-        if study.version != job.study_version:
-            log.info("infer job %d superseded by study version %d", job.id, study.version)
-            return
-        todo = s.execute(
-            select(Instance.id, Instance.sop_instance_uid, Instance.path)
-            .where(Instance.study_id == study.id, Instance.state.in_(CANDIDATES))
-            .order_by(Instance.id)
-        ).all()
-
-    assessed = [assess(ctx, *row) for row in todo]
+def run(ctx: NodeContext, work: InferWork) -> Inferred:
+    assessed = tuple(assess(ctx, candidate) for candidate in work.candidates)
     scoreable = [a for a in assessed if a.image is not None]
-    results = []
-    if scoreable:
-        # No lock: ctx.engine is the batching worker, which merges this study's
-        # images with other workers' and API calls' into shared batches, and
-        # returns all of one call's results from the same model.
-        results = ctx.engine.predict([a.image for a in scoreable])
+    if not scoreable:
+        return Inferred(assessed, None)
+    # No lock: ctx.engine is the batching worker, which merges this study's
+    # images with other workers' and API calls' into shared batches, and
+    # returns all of one call's results from the same model.
+    predictions = ctx.engine.predict([a.image for a in scoreable])
+    scored = scored_study(ctx, work, [a.header for a in scoreable], predictions)
+    for a in scoreable:
+        keep_display(ctx, work, a.candidate.sop_uid, a.image)
+    return Inferred(assessed, scored)
 
-    with ctx.db.session() as s:
-        settle_in(s, job)  # results and job completion commit together
-        study = s.get(Study, job.study_id)
-        if study.version != job.study_version:
-            return
-        for a in assessed:
-            instance = s.get(Instance, a.instance_id)
-            instance.state, instance.reason = a.state, a.reason
-        if not results:
-            failed = any(a.state == "failed" for a in assessed)
-            study.state = "failed" if failed else "ignored"
-            study.reason = "; ".join(sorted({a.reason for a in assessed}))[:2000] or "nothing to score"
-            log.info("study %s %s: %s", study.study_uid, study.state, study.reason)
-            return
-        payload = {a.sop_uid: result_to_json(r) for a, r in zip(scoreable, results)}
-        model = results[0].model
-        row = s.scalar(select(Result).where(Result.study_id == study.id, Result.version == study.version))
-        if row is None:
-            row = Result(study_id=study.id, version=study.version)
-            s.add(row)
-        row.model_name, row.model_version, row.demo = model.name, model.version, model.demo
-        row.findings_json = json.dumps(payload)
-        enqueue(s, study.id, "encode", study.version)
+
+def scored_study(ctx: NodeContext, work: InferWork, headers: list[Dataset], predictions: list[ImageResult]) -> ScoredStudy:
+    """The one typed value every later consumer reads."""
+    models = {p.model for p in predictions}
+    if len(models) != 1:
+        raise RuntimeError(f"one study scored by {len(models)} models")  # the batcher guarantees one
+    images = tuple(
+        ScoredImage(str(h.SOPInstanceUID), p.findings, p.heatmaps) for h, p in zip(headers, predictions)
+    )
+    strongest = strongest_findings({image.sop_instance_uid: image.findings for image in images})
+    return ScoredStudy(
+        calling_ae=work.calling_ae,
+        facts=StudyFacts.from_datasets(headers),
+        images=images,
+        model=models.pop(),
+        # Critical findings raise priority; an earlier STAT is never lowered.
+        triage=never_lower(work.earlier_triage, assess_triage(ctx.settings.triage, strongest)),
+        version=work.version,
+        status=ReportStatus.for_version(work.version),
+        issued=ctx.clock(),
+    )
+
+
+def keep_display(ctx: NodeContext, work: InferWork, sop_uid: str, image: DecodedImage) -> None:
+    """Write the image's display rendition (PNG) for the heatmap SCs of this study version."""
+    picture = display_rendition(image)
+    buffer = io.BytesIO()
+    # Lossless and fast: level 1 costs a fraction of a decode and halves the bytes.
+    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", compress_level=1)
+    write_durably(buffer.getvalue(), display_path(ctx.work_dir, work.calling_ae, work.study_uid, work.version, sop_uid))
+
+
+def settle(ctx: NodeContext, session: Session, study: Study, inferred: Inferred) -> None:
+    for a in inferred.assessments:
+        instance = session.get(Instance, a.candidate.instance_id)
+        instance.state, instance.reason = a.state, a.reason
+    scored = inferred.scored
+    if scored is None:
+        failed = any(a.state == InstanceState.FAILED for a in inferred.assessments)
+        reason = "; ".join(sorted({a.reason for a in inferred.assessments})) or "nothing to score"
+        conclude(study, StudyState.FAILED if failed else StudyState.IGNORED, reason)
+        log.info("study %s %s: %s", study.study_uid, study.state, study.reason)
+        return
+    results.store(session, study.id, scored)
+    triage.record(session, study.id, scored.version, scored.triage)
+    enqueue(session, study.id, Stage.ENCODE, scored.version)

@@ -1,0 +1,105 @@
+"""The node's files: where each kind lives, and crash-safe placement.
+
+After `move_durably` or `write_durably` return, the bytes survive power loss:
+data fsynced, atomic rename, directory fsynced. Names built from network
+input (AE titles, UIDs) go through `safe_path_component`, so a hostile UID
+can never become `../x`.
+
+Layout under `storage.data_dir`:
+- `instances/<calling AE>/<study UID>/<SOP UID>.dcm`: what senders stored;
+- `outputs/<calling AE>/<study UID>/<kind>-<SOP UID>.dcm`: what Carina made;
+- `work/<calling AE>/<study UID>/v<version>/<SOP UID>.png`: the display
+  rendition the infer stage keeps for the heatmap SCs, so a source is decoded
+  once per study version;
+- `tmp/`: partial uploads (emptied at start-up).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_SAFE_NAME = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+
+
+def safe_path_component(value: str) -> str:
+    # UIDs and AE titles come from the network; never let one become "../x".
+    value = value.strip()
+    if _SAFE_NAME.match(value) and value not in {".", ".."}:
+        return value
+    return "h" + hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def study_dir(root: Path, calling_ae: str, study_uid: str) -> Path:
+    return Path(root) / safe_path_component(calling_ae) / safe_path_component(study_uid)
+
+
+def instance_path(root: Path, calling_ae: str, study_uid: str, sop_uid: str) -> Path:
+    return study_dir(root, calling_ae, study_uid) / f"{safe_path_component(sop_uid)}.dcm"
+
+
+def output_path(root: Path, calling_ae: str, study_uid: str, kind: str, sop_uid: str) -> Path:
+    return study_dir(root, calling_ae, study_uid) / f"{kind}-{sop_uid}.dcm"
+
+
+def display_path(root: Path, calling_ae: str, study_uid: str, version: int, sop_uid: str) -> Path:
+    return study_dir(root, calling_ae, study_uid) / f"v{version}" / f"{safe_path_component(sop_uid)}.png"
+
+
+def fsync_dir(path: Path) -> None:
+    # The rename itself lives in the directory entry; without this a crash
+    # right after os.replace can forget the file even though its data was synced.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def move_durably(src: Path, dst: Path) -> None:
+    """Move `src` to `dst` atomically and durably, replacing any older `dst`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_file(src)
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Different filesystem: copy next to the target first so the final
+        # step is still an atomic same-directory rename.
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+        shutil.copyfile(src, tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, dst)
+        os.unlink(src)
+    fsync_dir(dst.parent)
+
+
+def write_durably(data: bytes, dst: Path) -> None:
+    """Write `data` to `dst` via temp file + fsync + rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+
+
+def free_mb(path: Path) -> float:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize / (1024 * 1024)
