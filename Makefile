@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/carina serve --config $(CONFIG)
 
-# The real peers (Orthanc, dcmtk, dicom3tools) come from Debian; tests fail, never skip, without them.
+# The real peers (Orthanc, dcmtk, dicom3tools, Chromium, PostgreSQL unless one answers on 127.0.0.1:5432)
+# come from Debian; tests fail, never skip, without them.
 peers:
 	scripts/ensure-peers.sh
 

@@ -7,6 +7,11 @@ command -v storescu >/dev/null || need+=(dcmtk)
 command -v dsrdump  >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v chromium >/dev/null || need+=(chromium)  # the UI test drives Debian's Chromium; never `playwright install`
+# PostgreSQL: the machine's server on 127.0.0.1:5432 when one answers; otherwise
+# the tests build a throwaway cluster (tests/postgres_peer.py) from Debian's binaries.
+if ! timeout 5 bash -c '</dev/tcp/127.0.0.1/5432' 2>/dev/null && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  need+=(postgresql)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -ne 0 ] && sudo="sudo"

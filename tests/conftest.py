@@ -23,7 +23,32 @@ def demo_model(tmp_path_factory):
         return load_model(None, device="cpu")
 
 
-POSTGRES_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
+_POSTGRES_USED: list[str] = []  # for the terminal summary: which server the run used
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The machine's PostgreSQL when it accepts us, else a throwaway cluster torn down at session end."""
+    from postgres_peer import MACHINE_POSTGRES_URL, ThrowawayCluster, unusable
+
+    reason = unusable(MACHINE_POSTGRES_URL)
+    if reason is None:
+        _POSTGRES_USED.append(f"the machine's, {MACHINE_POSTGRES_URL}")
+        yield MACHINE_POSTGRES_URL
+        return
+    cluster = ThrowawayCluster()
+    try:
+        url = cluster.start()
+        _POSTGRES_USED.append(f"a throwaway cluster ({cluster.bin}) at {url}, "
+                              f"because {MACHINE_POSTGRES_URL} is unusable: {reason}")
+        yield url
+    finally:
+        cluster.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for used in _POSTGRES_USED:
+        terminalreporter.write_line(f"PostgreSQL: {used}")
 
 
 def _sqlite_database(path):
@@ -34,8 +59,8 @@ def _sqlite_database(path):
     return db
 
 
-def _postgres_database():
-    """A fresh schema in the machine's PostgreSQL `test` database, dropped afterwards."""
+def _postgres_database(url):
+    """A fresh schema in the `test` database, dropped afterwards."""
     import uuid
 
     from sqlalchemy import create_engine, text
@@ -43,13 +68,13 @@ def _postgres_database():
     from node.db import Database
 
     schema = f"carina_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL)
+    admin = create_engine(url)
     try:
         with admin.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     except Exception as exc:  # a missing server is a failure, never a skip
-        pytest.fail(f"PostgreSQL at {POSTGRES_URL} is required for the scale-out tests: {exc}")
-    db = Database(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}")
+        pytest.fail(f"PostgreSQL at {url} is required for the scale-out tests: {exc}")
+    db = Database(f"{url}?options=-csearch_path%3D{schema}")
     db.create_schema()
 
     def drop():
@@ -76,6 +101,6 @@ def any_db(request, tmp_path):
         yield db
         db.dispose()
     else:
-        db, drop = _postgres_database()
+        db, drop = _postgres_database(request.getfixturevalue("postgres_url"))
         yield db
         drop()

@@ -1,6 +1,7 @@
 """Real external peers used by the tests. A missing tool is a failure, never a skip."""
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -22,12 +23,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# dciodvfy prints "Error - ..." and "Abort - ..." at the start of a line, or
+# after a tag prefix for read errors: "(0x6568,0x6c6c)  ?  - Error - Bad Value Length ...".
+_DCIODVFY_FAILURE = re.compile(r"(?:^|\s-\s)(?:Error|Abort)\s-")
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
-    """All `Error` lines dciodvfy (dicom3tools) reports for a file."""
+    """Everything that makes dciodvfy (dicom3tools) reject a file; [] means valid.
+
+    The `Error`/`Abort` lines, plus one entry for a non-zero exit: dicom3tools
+    20220618 exits 1 on any error (missing attributes, bad values, a non-DICOM or
+    truncated file, an unknown SOP class) and on a file it cannot open, which
+    prints no `Error` line at all, only `Abort`. It exits 0 when there are only warnings."""
     tool = require_tool("dciodvfy")
     proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")]
+    errors = [line for line in lines if _DCIODVFY_FAILURE.search(line)]
+    if proc.returncode != 0:
+        errors.append(f"dciodvfy exited with status {proc.returncode}")
+    return errors
 
 
 def dsrdump(path: Path) -> str:

@@ -1,7 +1,7 @@
 """The whole loop against real software:
 
 dcmtk storescu (modality) -> Carina -> Orthanc (PACS) gets SR + heatmap SCs in
-the same study; dciodvfy validates each; dsrdump parses the SR; an EHR pulls
+the same study; dciodvfy validates each, as Orthanc returns it; dsrdump parses the SR; an EHR pulls
 the DiagnosticReport with the fhirpy client library.
 """
 from __future__ import annotations
@@ -11,13 +11,12 @@ from dicom_factory import SIIM_MONO1, make_dx, write
 from fhirpy import SyncFHIRClient
 from peers import (
     Orthanc,
-    dciodvfy_errors,
-    dsrdump,
     node_with_pacs,
     storescu,
     wait_until,
 )
 from pydicom import dcmread
+from test_outputs_sr import assert_valid_dicom, dsrdump_checked
 
 from inference.types import CHESTXRAY14, DEMO_WARNING
 
@@ -70,14 +69,16 @@ def test_pacs_receives_valid_sr_and_heatmaps_in_the_source_study(loop, which):
     assert set(by_class) == {SR_CLASS, SC_CLASS}
 
     for inst in instances:
+        # Validate exactly the bytes the PACS hands back (/instances/{id}/file), never a local re-save.
         path = pacs.download(inst["ID"], work / f"{inst['ID']}.dcm")
-        assert dciodvfy_errors(path) == [], f"dciodvfy errors in {path}"
+        assert_valid_dicom(path)  # no dciodvfy error, non-zero exit or unexplained warning
         ds = dcmread(path)
+        assert ds.SOPInstanceUID == inst["MainDicomTags"]["SOPInstanceUID"]
         assert ds.StudyInstanceUID == study_uid and ds.PatientID == source.PatientID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
         assert ds.SeriesDescription
         if ds.SOPClassUID == SR_CLASS:
-            dump = dsrdump(path)
+            dump = dsrdump_checked(path)  # exit 0 and nothing on stderr but dcmtk's known UTF-8 note
             assert "Imaging Measurement Report" in dump or "18748-4" in dump
             assert DEMO_WARNING in dump
             assert ds.VerificationFlag == "UNVERIFIED"
