@@ -4,8 +4,8 @@ generate, 8-16 bit, MONOCHROME1; and the places where Carina differs on purpose.
 The README claims: "with identical weights, max |dp| over the 18 outputs is at most 1e-5, on
 every sample and on generated 8-16-bit variants in every lossless transfer syntax". The tests
 here assert exactly that bound (tests/test_inference_model.py does the same for the samples).
-Measured on the 2-core CPU VM (demo weights, torch 2.14.1): 1.0e-6 .. 2.7e-6 per variant,
-3.8e-6 for the windowed image with voi_lut=True, 1.3e-6 for the negative slope. What is left
+Measured on the 2-core CPU VM (demo weights, torch 2.14.1): 1.0e-6 .. 2.8e-6 per variant,
+3.8e-6 for the windowed image with voi_lut=True, 1.2e-6 for the negative slope. What is left
 is float32 rounding in the resize (Carina: a float32 sparse matrix product; skimage: float64),
 up to 6.7e-4 of the [-1024, 1024] input range; the network code path itself differs by 0.0.
 """
@@ -128,7 +128,7 @@ def test_negative_rescale_slope_is_a_deliberate_difference(demo_model, reference
     """README "Where Carina deliberately differs": Rescale Slope -1 means "larger stored value
     is darker"; Carina renders it the right way round, read_xray_dcm (which skips the rescale)
     sees the negative. The radiograph stored with slope -1 gives Carina the same answer, to the
-    fidelity bound (measured 1.3e-6), as the plain one gives xrv."""
+    fidelity bound (measured 1.2e-6), as the plain one gives xrv."""
     plain = f.make_dx(sop_class_uid=f.CR_IMAGE, modality="CR", bits_stored=12)
     inverted = copy.deepcopy(plain)
     stored = np.frombuffer(plain.PixelData, dtype="<u2").reshape(plain.Rows, plain.Columns)
