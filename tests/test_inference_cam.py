@@ -52,7 +52,8 @@ def test_cam_equals_grad_cam_for_several_classes(demo, inputs):
             reference = grad_cam(demo, x, cls)
             assert reference.max() > 0, "Grad-CAM has no positive evidence; pick another class"
             similarity = cosine(heatmaps.maps[cls], reference)
-            assert similarity >= 0.999, (CHESTXRAY14[cls], similarity)
+            # README: "cosine 1.0000". Equal up to rounding: measured 1 - 1.4e-13 at worst.
+            assert similarity >= 1 - 1e-6, (CHESTXRAY14[cls], similarity)
             checked += 1
     assert checked == 10
 
@@ -65,7 +66,7 @@ def test_cam_mean_plus_bias_is_the_logit(demo, inputs):
         logits, features = demo.forward(x)
     cams = class_activation_maps(features, demo.classifier_weight)
     bias = demo.module.classifier.bias.detach()
-    torch.testing.assert_close(cams.mean(dim=(2, 3)) + bias, logits, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cams.mean(dim=(2, 3)) + bias, logits, atol=1e-5, rtol=0)  # measured 1.4e-6
 
 
 def test_scaling_is_per_class_zero_to_one_with_negative_evidence_clipped():

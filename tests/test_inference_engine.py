@@ -84,15 +84,18 @@ def test_a_batch_equals_one_at_a_time(engine, images, batch_results):
         (single,) = engine.predict([image])
         p_single = np.array([x.probability for x in single.findings])
         p_batched = np.array([x.probability for x in batched.findings])
-        np.testing.assert_allclose(p_batched, p_single, atol=1e-4)
-        np.testing.assert_allclose(batched.heatmaps.maps, single.heatmaps.maps, atol=1e-3)
+        # float32 rounding only (oneDNN picks other kernels per batch size): measured 5.7e-7 in
+        # probability and 1.7e-6 in the 0..1 heatmaps.
+        np.testing.assert_allclose(p_batched, p_single, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(batched.heatmaps.maps, single.heatmaps.maps, rtol=0, atol=1e-5)
 
 
 def test_batches_larger_than_max_batch_are_split(model, images, batch_results):
     chunked = InferenceEngine(model, max_batch=2).predict(images)
     assert len(chunked) == len(images)
     for a, b in zip(chunked, batch_results):
-        np.testing.assert_allclose([x.probability for x in a.findings], [x.probability for x in b.findings], atol=1e-4)
+        np.testing.assert_allclose([x.probability for x in a.findings], [x.probability for x in b.findings],
+                                   rtol=0, atol=1e-5)  # measured 6.6e-7
 
 
 def test_engine_exposes_model_info(engine, model):

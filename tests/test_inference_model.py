@@ -97,19 +97,27 @@ def test_all_18_outputs_match_the_torchxrayvision_pipeline(demo, fidelity_images
         p_ours = torch.sigmoid(logits).numpy()
     assert p_ours.shape == p_ref.shape == (len(fidelity_images), 18)
     worst = np.abs(p_ours - p_ref).max(axis=1)
-    print("max |dp| per image:", dict(zip([p.name for p in fidelity_images], worst.round(6))))
-    assert worst.max() <= 0.01, dict(zip([p.name for p in fidelity_images], worst))
+    print("max |dp| per image:", {p.name: f"{w:.2e}" for p, w in zip(fidelity_images, worst)})
+    # The README's bound: "max |dp| over the 18 outputs is at most 1e-5, on every sample".
+    # Measured with the demo weights: 1.4e-6 .. 2.1e-6 per image.
+    assert worst.max() <= 1e-5, dict(zip([p.name for p in fidelity_images], worst))
     # The images do differ in what the model says, so the comparison means something.
     assert np.abs(p_ref[0] - p_ref[1]).max() > 0.02
 
 
 @pytest.mark.filterwarnings("ignore:Converting MONOCHROME1")
 def test_preprocessing_matches_xrv_pixels(fidelity_images):
-    for path in fidelity_images[:3]:
+    """What the network sees, in [-1024, 1024] units. The only difference is float32 rounding
+    in Carina's resize (skimage works in float64): measured 4.3e-4 .. 6.1e-4 on these images,
+    7.9e-4 on 2-3k pixel DX, against a float32 ulp of 1.2e-4 at 1024."""
+    worst = {}
+    for path in fidelity_images:
         ours = prepare_input(decode_any(path)).array
         theirs = xrv_reference_input(path)
         assert ours.shape == theirs.shape == (1, 224, 224)
-        assert np.abs(ours - theirs).max() < 0.5  # in [-1024, 1024] units
+        worst[path.name] = float(np.abs(ours - theirs).max())
+    print("max |input difference| per image:", {k: f"{v:.2e}" for k, v in worst.items()})
+    assert max(worst.values()) <= 1e-3, worst
 
 
 # --- demo weights --------------------------------------------------------------------------
