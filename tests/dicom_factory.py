@@ -173,6 +173,39 @@ def transcoded(ds: Dataset, tool: str, *args: str) -> Dataset:
         return pydicom.dcmread(dst)  # reads everything into memory before the directory goes
 
 
+def htj2k(ds: Dataset, tool: str, *, rpcl: bool = False) -> Dataset:
+    """`ds` as HTJ2K Lossless (1.2.840.10008.1.2.4.201), or with `rpcl` HTJ2K with
+    RPCL Options Lossless (.202), coded by OpenJPH's ojph_compress (Debian
+    openjph-tools) from a PGM of the stored values and encapsulated by pydicom."""
+    import copy
+    import subprocess
+    import tempfile
+
+    from pydicom.encaps import encapsulate
+
+    pixels = ds.pixel_array
+    if pixels.dtype.kind == "i":
+        raise ValueError("PGM carries unsigned samples only")
+    maxval = 2 ** int(ds.BitsStored) - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.pgm", Path(tmp) / "out.j2c"
+        rows, cols = pixels.shape
+        sample = ">u2" if maxval > 255 else "u1"  # PGM stores 16-bit samples big-endian
+        src.write_bytes(f"P5\n{cols} {rows}\n{maxval}\n".encode() + pixels.astype(sample).tobytes())
+        order = ["-prog_order", "RPCL"] if rpcl else []
+        proc = subprocess.run([tool, "-i", str(src), "-o", str(dst), "-reversible", "true", *order],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ojph_compress failed: {proc.stderr or proc.stdout}")
+        codestream = dst.read_bytes()
+    out = copy.deepcopy(ds)
+    out.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.202" if rpcl else "1.2.840.10008.1.2.4.201"
+    out.PixelData = encapsulate([codestream])
+    out["PixelData"].VR = "OB"
+    out["PixelData"].is_undefined_length = True
+    return reread(out)
+
+
 def reread(ds: Dataset) -> Dataset:
     """Round-trip through bytes, so the result is exactly what a receiver would parse."""
     import io

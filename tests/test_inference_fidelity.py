@@ -72,8 +72,7 @@ def _dcmcjpeg(*args):
 
 
 # (id, bits stored, photometric, how to encode) -- unsigned: read_xray_dcm has no notion of signed pixels.
-# Every lossless syntax Carina decodes except HTJ2K (1.2.840.10008.1.2.4.201/202), for which no
-# encoder is installed (pydicom has none; Debian's openjph-tools would be one).
+# Every lossless syntax Carina decodes; HTJ2K is coded by OpenJPH (Debian openjph-tools).
 VARIANTS = [
     ("explicit-le-16bit-mono1", 16, "MONOCHROME1", lambda ds: ds),
     ("implicit-le-8bit", 8, "MONOCHROME2", _dcmconv("+ti")),
@@ -84,6 +83,9 @@ VARIANTS = [
     ("j2k-lossless-16bit", 16, "MONOCHROME2", lambda ds: f.encoded(ds, JPEG2000Lossless)),
     ("jpeg-lossless-sv1-14bit-mono1", 14, "MONOCHROME1", _dcmcjpeg("+e1")),
     ("jpeg-lossless-p14-13bit", 13, "MONOCHROME2", _dcmcjpeg("+el")),
+    ("htj2k-lossless-16bit", 16, "MONOCHROME2", lambda ds: f.htj2k(ds, require_tool("ojph_compress"))),
+    ("htj2k-rpcl-lossless-12bit-mono1", 12, "MONOCHROME1",
+     lambda ds: f.htj2k(ds, require_tool("ojph_compress"), rpcl=True)),
 ]
 
 
@@ -95,7 +97,7 @@ def test_generated_transfer_syntax_variants_match_torchxrayvision(demo_model, re
         ds = encode(f.make_dx(tall if i % 2 else wide, bits_stored=bits, photometric=photometric))
         paths.append(f.write(ds, tmp_path / f"{name}.dcm"))
     syntaxes = {pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID for p in paths}
-    assert len(syntaxes) == len(VARIANTS), syntaxes  # really nine different encodings
+    assert len(syntaxes) == len(VARIANTS), syntaxes  # every variant a different encoding
     assert all(not s.is_compressed or "Lossless" in s.name for s in syntaxes), syntaxes
     p_ours, p_ref, inputs = probabilities(demo_model, reference_net, paths)
     names = [name for name, *_ in VARIANTS]
