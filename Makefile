@@ -23,8 +23,10 @@ peers:
 test: $(STAMP) peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Each benchmark prints its JSON and writes it under bench/results/.
 bench: $(STAMP) peers
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/hostile_input.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
