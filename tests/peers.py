@@ -168,7 +168,8 @@ class Orthanc:
     def receptions(self) -> list[dict]:
         """Every instance received so far, in order, one entry per C-STORE (or
         REST upload): {"sop", "study", "calling_ae", "origin", "tags"}; `tags`
-        is every tag but Pixel Data, as Orthanc's simplified JSON."""
+        is every tag but Pixel Data by keyword, sequence items keyed "1", "2", ...
+        Equal `tags` mean equal content apart from the pixels."""
         if not self.reception_log.exists():
             return []
         out = []
