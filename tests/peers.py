@@ -87,8 +87,53 @@ def http_json(url: str, *, token: str | None = None, method: str = "GET", data: 
         return json.loads(rsp.read() or b"null")
 
 
+# Orthanc (1.10.1) calls ReceivedInstanceFilter for every C-STORE it receives,
+# before it looks for an existing copy: an identical re-send is answered with
+# success and not stored again (no new /changes entry), but it still passes
+# here. So this log counts deliveries, where Orthanc's index counts copies.
+# `dicom` holds every tag except Pixel Data. It is written as JSON with sorted
+# keys (sequence items keyed "1", "2", ...), so two receptions of the same
+# content give the same line. Plain Lua on purpose: Orthanc's own DumpJson on
+# the table of a TID 1500 SR corrupts Orthanc's heap in 1.10.1 (it aborts with
+# "corrupted size vs. prev_size" within a few SRs).
+_RECEPTION_HOOK = r"""
+local function quote(s)
+  return '"' .. (tostring(s):gsub('[%c"\\]', function(c) return string.format("\\u%04x", c:byte()) end)) .. '"'
+end
+
+local function encode(value)
+  if type(value) ~= "table" then
+    return quote(value)
+  end
+  local keys = {}
+  for key in pairs(value) do
+    keys[#keys + 1] = tostring(key)
+  end
+  table.sort(keys)
+  local parts = {}
+  for _, key in ipairs(keys) do
+    local item = value[key]
+    if item == nil then
+      item = value[tonumber(key)]
+    end
+    parts[#parts + 1] = quote(key) .. ":" .. encode(item)
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+function ReceivedInstanceFilter(dicom, origin, info)
+  local f = assert(io.open(CARINA_RECEPTION_LOG, "a"))
+  f:write('{"origin":', encode(origin), ',"tags":', encode(dicom), "}\n")
+  f:close()
+  return true
+end
+"""
+
+
 class Orthanc:
-    """A real Orthanc PACS (Debian package) on free loopback ports."""
+    """A real Orthanc PACS (Debian package) on free loopback ports.
+
+    Every C-STORE it receives is logged (`receptions()`), re-sends included."""
 
     def __init__(self, workdir: Path, ae_title: str = "ORTHANC"):
         self.binary = require_tool("Orthanc")
@@ -115,6 +160,7 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
             "Plugins": [],
+            "LuaScripts": [str(self._write_reception_hook())],
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
@@ -122,6 +168,39 @@ class Orthanc:
         self.proc = subprocess.Popen([self.binary, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
         wait_until(lambda: http_json(f"{self.url}/system"), 30, what="Orthanc REST API")
         return self
+
+    @property
+    def reception_log(self) -> Path:
+        return self.workdir / "receptions.jsonl"
+
+    def _write_reception_hook(self) -> Path:
+        script = self.workdir / "receptions.lua"
+        # json.dumps gives a valid Lua string literal for a path.
+        script.write_text(f"CARINA_RECEPTION_LOG = {json.dumps(str(self.reception_log))}\n{_RECEPTION_HOOK}")
+        return script
+
+    def receptions(self) -> list[dict]:
+        """Every instance received so far, in order, one entry per C-STORE (or
+        REST upload): {"sop", "study", "calling_ae", "origin", "tags"}; `tags`
+        is every tag but Pixel Data by keyword, sequence items keyed "1", "2", ...
+        Equal `tags` mean equal content apart from the pixels."""
+        if not self.reception_log.exists():
+            return []
+        out = []
+        text = self.reception_log.read_bytes().decode("utf-8", "surrogateescape")
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break  # still being written
+            entry = json.loads(line)
+            tags, origin = entry["tags"], entry["origin"]
+            out.append({
+                "sop": tags.get("SOPInstanceUID", ""),
+                "study": tags.get("StudyInstanceUID", ""),
+                "calling_ae": origin.get("RemoteAet", ""),
+                "origin": origin.get("RequestOrigin", ""),
+                "tags": tags,
+            })
+        return out
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -237,6 +316,60 @@ def store_responses(proc: subprocess.CompletedProcess) -> list[str]:
     import re
 
     return re.findall(r"Received Store Response \(([^)]*)\)", proc.stdout + proc.stderr)
+
+
+def storescu_watched(port: int, path: Path, on_line, *, called_ae: str = "CARINA", calling_ae: str = "MODALITY",
+                     timeout: float = 120) -> subprocess.CompletedProcess:
+    """`storescu()` for one file, calling `on_line(line)` as each line of its
+    verbose output appears, so a test can act at a known point of the exchange
+    (e.g. right after "Sending Store Request", i.e. mid-C-STORE)."""
+    import threading
+
+    tool = require_tool("storescu")
+    env = dict(os.environ, TCP_NODELAY="1")
+    args = [tool, "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), str(path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            on_line(line)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.stdout.close()
+    return subprocess.CompletedProcess(args, proc.returncode, "".join(lines), "")
+
+
+def store_outcome(proc: subprocess.CompletedProcess) -> str:
+    """What one storescu run of one file means for the sender:
+
+    - 'acked': a Success response;
+    - 'refused': no association was established, so nothing was sent (the
+      node was down or starting); a modality simply tries again;
+    - 'aborted': an association, a request, and no response: the peer aborted
+      mid-C-STORE. The instance may or may not have been committed;
+    - 'failed': any other ending (e.g. a failure status)."""
+    text = proc.stdout + proc.stderr
+    responses = store_responses(proc)
+    if responses == ["Success"]:
+        return "acked"
+    if "Association Accepted" not in text:
+        return "refused"
+    if not responses and "Peer aborted Association" in text:
+        return "aborted"
+    return "failed"
+
+
+def accepts_connections(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on the port (a TCP connect succeeds)."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 # --- helpers for the durability, routing and hostile-input tests ----------------

@@ -4,31 +4,39 @@ Hypothesis mutates sample datasets (the SIIM JPEG CRs in tests/data plus
 generated DX/SC/CT in several transfer syntaxes): byte flips, truncation,
 element deletion, value and VR corruption, bad lengths, dimension and
 photometric changes, transfer-syntax and SOP-class swaps, inserted and appended
-garbage. Each mutant goes byte for byte over one long-lived pynetdicom
-association (chunked send) to the real in-process SCP with the real database
-recorder. Then the real `assess()` of the infer stage runs on everything stored.
+garbage. A case whose mutations leave the bytes, SOP class and syntax exactly
+as the base's is rejected (Hypothesis draws another): every counted case is a
+real mutant. Each mutant goes byte for byte over a long-lived pynetdicom
+association (chunked send): one case in NODE_SHARE to a real `carina serve`
+subprocess, the rest to the real in-process SCP with the real database
+recorder. Then the real `assess()` of the infer stage runs on everything the
+in-process SCP stored.
 
-Properties:
+Properties, for both SCPs:
 - every C-STORE gets a status, and never 0xC211 (an exception escaped our handler)
   nor 0xA700 (out of resources: a lie for a bad dataset, and the sender retries forever);
-- success means a durable file and an Instance row for exactly that SOP Instance UID;
+- acknowledged (success or a warning) means an Instance row for exactly that SOP
+  Instance UID and a durable file whose dataset is byte for byte what was sent;
+  a refusal leaves no row;
 - `assess()` never raises and gives each stored instance scored/ignored/failed,
   with a reason unless scored;
-- the SCP still answers C-ECHO, and other associations still store, afterwards.
+- the SCP still answers C-ECHO, and a new association still stores, afterwards.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, reject, seed, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -44,6 +52,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config
+from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 
 from dicom_factory import SIIM_MONO1, SIIM_MONO2, encoded, make_dx, small_chest_pixels, write, write_raw
@@ -55,7 +64,7 @@ from node.context import NodeContext
 from node.db import Instance
 from node.pipeline.infer import assess
 from node.receiver import record_instance
-from peers import echoscu, free_port, storescu, store_responses
+from peers import CarinaNode, carina_db_rows, echoscu, free_port, store_responses, storescu
 
 CR, DX, DX_PROC, SC, CT = (
     "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
@@ -68,6 +77,7 @@ SYNTAXES = tuple(decodable_transfer_syntaxes())
 MAX_EXAMPLES = int(os.environ.get("CARINA_FUZZ_EXAMPLES", "1500"))
 FUZZ_SEED = os.environ.get("CARINA_FUZZ_SEED")
 UID_ROOT = "1.2.826.0.1.3680043.10.1249.77"
+NODE_SHARE = 7  # every 7th case (14 %) goes to a real `carina serve`
 
 
 @dataclass(frozen=True)
@@ -234,13 +244,55 @@ def mutate(base: Base, case, sop_uid: str) -> tuple[bytes, str, str, list[str]]:
 # --- the rig ----------------------------------------------------------------------
 
 
+class Target:
+    """One SCP under fuzz, fed over one long-lived association (opened again
+    when the SCP ends it). Keeps each case's status and, for acknowledged
+    cases, what was sent."""
+
+    def __init__(self, name: str, port: int, ae: AE):
+        self.name, self.port, self.ae = name, port, ae
+        self.assoc = None
+        self.outcomes: dict[str, object] = {}  # SOP Instance UID -> status, or "unsent: ..."
+        self.sent: dict[str, tuple[str, str, str]] = {}  # acknowledged SOP UID -> (sha256 of body, SOP class, syntax)
+
+    def association(self):
+        if self.assoc is None or not self.assoc.is_established:
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="CARINA", evt_handlers=[NODELAY_HANDLER])
+            assert self.assoc.is_established, f"{self.name}: association refused"
+        return self.assoc
+
+    def release(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+    def acknowledged(self) -> set[str]:
+        return set(self.sent)
+
+
+def acknowledged(status) -> bool:
+    """Success, or a warning (0xB000-0xBFFF): either way the SCP keeps the instance."""
+    return isinstance(status, int) and (status == 0 or 0xB000 <= status <= 0xBFFF)
+
+
+def stored_body_sha256(path: Path) -> str:
+    """SHA-256 of a stored file's dataset, after the receiver's own file meta."""
+    _, offset = split_dataset(path)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
 @pytest.fixture
 def rig(tmp_path, sqlite_db):
     scp = StorageSCP(
         ae_title="CARINA", host="127.0.0.1", port=free_port(), instances_dir=tmp_path / "instances",
         record=lambda received: record_instance(sqlite_db, received),
     )
-    scp.start()
+    # The real node, as an operator runs it. Completion is pushed past the
+    # end of the run: the pipeline's handling of what is stored here is the
+    # assess() below and test_hostile_input.py; this is about the receiving
+    # process (its SCP wiring, recorder and database), which must stay up.
+    node = CarinaNode(tmp_path / "carina", stable_seconds=3600)
     ae = AE(ae_title="FUZZER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     ae.maximum_pdu_size = 0
@@ -248,31 +300,30 @@ def rig(tmp_path, sqlite_db):
         for syntax in SYNTAXES:
             ae.add_requested_context(sop_class, [syntax])
     assert len(ae.requested_contexts) <= 128
-    state = {"assoc": None, "ae": ae}
-
-    def association():
-        if state["assoc"] is None or not state["assoc"].is_established:
-            state["assoc"] = ae.associate("127.0.0.1", scp.port, ae_title="CARINA", evt_handlers=[NODELAY_HANDLER])
-            assert state["assoc"].is_established
-        return state["assoc"]
 
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
+    targets: list[Target] = []
     try:
-        yield scp, sqlite_db, association, tmp_path
+        scp.start()
+        node.start()
+        targets = [Target("in-process", scp.port, ae), Target("carina serve", node.dicom_port, ae)]
+        yield scp, sqlite_db, node, targets, tmp_path
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
-        if state["assoc"] is not None and state["assoc"].is_established:
-            state["assoc"].release()
+        for target in targets:
+            target.release()
+        node.stop()
         scp.stop()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every mangled value
 def test_fuzzed_datasets_always_get_a_status_and_a_recorded_outcome(rig):
-    scp, db, association, work = rig
-    outcomes: dict[str, object] = {}  # SOP Instance UID -> status
+    scp, db, node, (in_process, serve), work = rig
     mutations: Counter = Counter()
-    counter = iter(range(10**9))
+    identical = Counter()  # base name -> cases whose mutations changed nothing (not sent, not counted)
+    uids = iter(range(10**9))
+    cases = iter(range(10**9))
     started = time.monotonic()
     path = work / "case.dcm"
 
@@ -280,44 +331,73 @@ def test_fuzzed_datasets_always_get_a_status_and_a_recorded_outcome(rig):
               suppress_health_check=list(HealthCheck))
     @given(case=fuzz_case)
     def one_case(case):
-        n = next(counter)
         base = bases()[case[0] % len(bases())]
-        sop_uid = f"{UID_ROOT}.{n}"
+        sop_uid = f"{UID_ROOT}.{next(uids)}"
         body, sop_class, syntax, names = mutate(base, case, sop_uid)
+        if (body, sop_class, syntax) == mutate(base, (case[0], [], [], []), sop_uid)[:3]:
+            identical[base.name] += 1
+            reject()  # e.g. a value set to what it was: the base itself, not a mutant
+        target = serve if next(cases) % NODE_SHARE == 0 else in_process
         mutations.update(names)
         write_raw(path, sop_class, sop_uid, syntax, body)
-        assoc = association()
+        assoc = target.association()
         try:
             rsp = assoc.send_c_store(path)
         except Exception as exc:  # the SCU could not send it; not a case the SCP saw
-            outcomes[sop_uid] = f"unsent: {type(exc).__name__}"
+            target.outcomes[sop_uid] = f"unsent: {type(exc).__name__}"
             return
         status = int(rsp.Status) if rsp and "Status" in rsp else None
-        outcomes[sop_uid] = status
-        assert status is not None, f"no C-STORE response for {base.name} {names}"
-        assert status != 0xC211, f"an exception escaped the C-STORE handler: {base.name} {names}"
-        assert status != 0xA700, f"Out of Resources for a bad dataset: {base.name} {names} {rsp.get('ErrorComment')}"
+        target.outcomes[sop_uid] = status
+        if acknowledged(status):
+            target.sent[sop_uid] = (hashlib.sha256(body).hexdigest(), sop_class, syntax)
+        where = f"{target.name}: {base.name} {names}"
+        assert status is not None, f"no C-STORE response from {where}"
+        assert status != 0xC211, f"an exception escaped the C-STORE handler of {where}"
+        assert status != 0xA700, f"Out of Resources for a bad dataset from {where}: {rsp.get('ErrorComment')}"
 
     if FUZZ_SEED is not None:
         one_case = seed(int(FUZZ_SEED))(one_case)
     one_case()
     sent = time.monotonic() - started
 
-    statuses = Counter(v if isinstance(v, str) else f"0x{v:04X}" for v in outcomes.values())
-    assert len(outcomes) >= min(1000, MAX_EXAMPLES), statuses
-    assert sum(1 for v in outcomes.values() if isinstance(v, str)) <= len(outcomes) // 20, statuses
-    assert statuses["0x0000"] >= 200 and len(outcomes) - statuses["0x0000"] >= 100, statuses
+    def status_counts(target: Target) -> Counter:
+        return Counter(v if isinstance(v, str) else f"0x{v:04X}" for v in target.outcomes.values())
 
-    # Success means a row for that exact instance and a durable file: nothing else.
+    statuses = {t.name: status_counts(t) for t in (in_process, serve)}
+    total = len(in_process.outcomes) + len(serve.outcomes)
+    unsent = sum(1 for t in (in_process, serve) for v in t.outcomes.values() if isinstance(v, str))
+    print(f"fuzz: {total} distinct mutants in {sent:.1f} s ({sum(identical.values())} identical to their base, not sent); "
+          f"statuses {statuses}")
+    assert total >= min(1000, MAX_EXAMPLES), statuses
+    assert len(serve.outcomes) >= total // 10, statuses
+    assert unsent <= total // 20, statuses
+    for target in (in_process, serve):
+        counts = statuses[target.name]
+        acked = len(target.sent)
+        assert acked >= len(target.outcomes) // 10 and len(target.outcomes) - acked >= len(target.outcomes) // 10, counts
+
+    # Acknowledged means: a row for exactly that instance, and a durable file
+    # holding exactly the bytes that were sent. Nothing else leaves a row.
     with db.session() as s:
-        rows = {r.sop_instance_uid: (r.id, r.path, r.state) for r in s.scalars(select(Instance))}
-    acked = {uid for uid, st in outcomes.items() if st == 0}
-    assert set(rows) == acked, (len(rows), len(acked))
+        rows = {r.sop_instance_uid: (r.id, r.path, r.state, r.sop_class_uid, r.transfer_syntax_uid) for r in s.scalars(select(Instance))}
+    node_rows = {
+        uid: (path, state, sop_class, syntax)
+        for uid, path, state, sop_class, syntax in carina_db_rows(
+            node, "SELECT sop_instance_uid, path, state, sop_class_uid, transfer_syntax_uid FROM instances"
+        )
+    }
+    for target, recorded in ((in_process, {uid: row[1:] for uid, row in rows.items()}), (serve, node_rows)):
+        assert set(recorded) == target.acknowledged(), (target.name, len(recorded), len(target.sent))
+        for uid, (digest, sop_class, syntax) in target.sent.items():
+            stored, _, row_class, row_syntax = recorded[uid]
+            assert Path(stored).is_file(), f"{target.name}: acknowledged {uid} has no file at {stored}"
+            assert stored_body_sha256(Path(stored)) == digest, f"{target.name}: stored {uid} differs from what was sent"
+            assert (row_class, row_syntax) == (sop_class, syntax), (target.name, uid, row_class, row_syntax)
 
     # The real infer-stage assessment on everything stored: never raises, always decides.
     ctx = NodeContext(settings=Settings(), db=db)
     assessed: Counter = Counter()
-    for uid, (instance_id, stored_path, state) in rows.items():
+    for uid, (instance_id, stored_path, state, _, _) in rows.items():
         a = assess(ctx, instance_id, uid, stored_path)
         assert a.state in ("scored", "ignored", "failed"), (uid, a)
         if a.state == "scored":
@@ -328,10 +408,12 @@ def test_fuzzed_datasets_always_get_a_status_and_a_recorded_outcome(rig):
             assert a.state == "ignored"
         assessed[a.state] += 1
 
-    # Still serving: C-ECHO, and a clean store on a new association.
-    assert echoscu(scp.port)
+    # Still serving: C-ECHO, and a clean store on a new association, on both.
     good = make_dx(small_chest_pixels(799, 64))
-    assert store_responses(storescu(scp.port, write(good, work / "good.dcm"))) == ["Success"]
+    for target in (in_process, serve):
+        assert echoscu(target.port), f"{target.name} no longer answers C-ECHO"
+        assert store_responses(storescu(target.port, write(good, work / "good.dcm"))) == ["Success"], target.name
+    assert node.proc.poll() is None, "carina serve exited"
     elapsed = time.monotonic() - started
-    print(f"fuzz: {len(outcomes)} cases in {sent:.1f} s (+{elapsed - sent:.1f} s assessing); statuses {dict(statuses)}; "
-          f"assessed {dict(assessed)}; mutations {dict(mutations)}")
+    print(f"fuzz: +{elapsed - sent:.1f} s checking; assessed {dict(assessed)}; mutations {dict(mutations)}; "
+          f"identical to their base {dict(identical)}")
