@@ -62,8 +62,8 @@ from dicom_scp.sockets import NODELAY_HANDLER
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Instance
-from node.pipeline.infer import assess
-from node.receiver import record_instance
+from node.pipeline.infer import Candidate, assess
+from node.receiver import Receiver
 from peers import CarinaNode, carina_db_rows, echoscu, free_port, store_responses, storescu
 
 CR, DX, DX_PROC, SC, CT = (
@@ -284,10 +284,8 @@ def stored_body_sha256(path: Path) -> str:
 
 @pytest.fixture
 def rig(tmp_path, sqlite_db):
-    scp = StorageSCP(
-        ae_title="CARINA", host="127.0.0.1", port=free_port(), instances_dir=tmp_path / "instances",
-        record=lambda received: record_instance(sqlite_db, received),
-    )
+    scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(),
+                     accept=Receiver(sqlite_db, tmp_path / "instances"))
     # The real node, as an operator runs it. Completion is pushed past the
     # end of the run: the pipeline's handling of what is stored here is the
     # assess() below and test_hostile_input.py; this is about the receiving
@@ -398,7 +396,7 @@ def test_fuzzed_datasets_always_get_a_status_and_a_recorded_outcome(rig):
     ctx = NodeContext(settings=Settings(), db=db)
     assessed: Counter = Counter()
     for uid, (instance_id, stored_path, state, _, _) in rows.items():
-        a = assess(ctx, instance_id, uid, stored_path)
+        a = assess(ctx, Candidate(instance_id, uid, Path(stored_path)))
         assert a.state in ("scored", "ignored", "failed"), (uid, a)
         if a.state == "scored":
             assert a.image is not None and np.isfinite(a.image.pixels).all() and a.image.pixels.ndim == 2
