@@ -7,11 +7,16 @@ machines), the real encode stage, and the HL7 sender's message builder; a
 late image makes version 2. Every SR, SC, FHIR resource and ORU is compared
 with what the pre-refactor builders produced for the same inputs
 (tests/data/golden/, recorded before issue #8's typed pipeline).
+
+A deliberate output change re-records them: run this file once with
+CARINA_RECORD_GOLDEN=1, review `git diff tests/data/golden`, and say in the
+commit why the outputs changed. CI never sets it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 import pytest
@@ -30,6 +35,7 @@ from node.states import JobState, Stage, StudyState
 from node.worker import run_one
 
 MANIFEST = json.loads((g.GOLDEN_DIR / "manifest.json").read_text())
+RECORD = os.environ.get("CARINA_RECORD_GOLDEN") == "1"
 
 
 class FixedEngine:
@@ -105,7 +111,34 @@ def _run_version(ctx: NodeContext, study_id: int, version: int) -> None:
     raise AssertionError(f"version {version} was not encoded")
 
 
+def _record_version(ctx: NodeContext, study_id: int, version: int) -> None:
+    """Write what the code produces now as the new golden outputs of this version."""
+    with ctx.db.session() as s:
+        outputs = s.scalars(select(Output).where(Output.study_id == study_id, Output.version == version)
+                            .order_by(Output.id)).all()
+        scored = results.load(s, study_id, version)
+        hl7_work = hl7.load(ctx, s, s.get(Study, study_id), ctx.settings.destinations[0])
+    sr = next(o for o in outputs if o.kind == "sr")
+    (g.GOLDEN_DIR / f"sr-v{version}.dcm").write_bytes(open(sr.path, "rb").read())
+    others = []
+    for o in outputs:
+        if o is not sr:
+            data = open(o.path, "rb").read()
+            others.append({"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
+                           "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    fhir_text = json.dumps(build_report_resources(scored, patient_system=g.PATIENT_SYSTEM), indent=1)
+    (g.GOLDEN_DIR / f"fhir-v{version}.json").write_text(fhir_text)
+    oru = er7(hl7.message_for(ctx, hl7_work))
+    (g.GOLDEN_DIR / f"oru-v{version}.er7").write_bytes(oru.encode())
+    MANIFEST[f"v{version}"] = {"sr": {"sop_instance_uid": sr.sop_instance_uid, "sha256": g.digest(open(sr.path, "rb").read())},
+                               "sc": others, "fhir_sha256": g.digest(fhir_text.encode()),
+                               "oru_sha256": g.digest(oru.encode())}
+    (g.GOLDEN_DIR / "manifest.json").write_text(json.dumps(MANIFEST, indent=1) + "\n")
+
+
 def _check_version(ctx: NodeContext, study_id: int, version: int) -> None:
+    if RECORD:
+        _record_version(ctx, study_id, version)
     golden = MANIFEST[f"v{version}"]
     with ctx.db.session() as s:
         outputs = {o.sop_instance_uid: o.path for o in s.scalars(
