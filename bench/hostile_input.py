@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import struct
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -27,14 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/ (this script's own directory, where `record` is found)
 sys.path.insert(0, str(REPO / "tests"))  # dicom_factory: the same generators the tests use
 
-
-def best_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return min(times)
+from record import best_ms  # noqa: E402
 
 
 def refused_ms(fn, repeats: int) -> float:
@@ -68,8 +59,6 @@ def main(argv=None) -> int:
     import dicom_factory as f
     import pydicom
     from PIL import Image
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     from record import machine, now_utc, write_result
 
     from inference.decode import decode_dicom, decode_dicom_file, decode_png_or_jpeg
@@ -80,14 +69,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="carina-bench-") as tmp:
         tmp = Path(tmp)
         # What the tests used to time, and the ordinary work each is compared with.
-        absurd = Dataset()
-        absurd.file_meta = FileMetaDataset()
-        absurd.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        absurd.SOPInstanceUID = generate_uid()
-        absurd.Rows = absurd.Columns = 60000
-        absurd.SamplesPerPixel, absurd.PhotometricInterpretation = 1, "MONOCHROME2"
-        absurd.BitsAllocated, absurd.BitsStored, absurd.HighBit, absurd.PixelRepresentation = 16, 16, 15, 0
-        absurd.PixelData = b"\x00\x00" * 8
+        absurd = f.absurd_dimensions_dx()
         huge = f.write_huge_dx(tmp / "huge.dcm", 8000, 8000)  # 128 MB, sparse
         sample_dcm = f.SIIM_MONO2
         png_absurd = _png(60000, zlib.compress(b"\x00" * 16))

@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO / "tests"))  # dicom_factory: the same generators th
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from record import best_ms  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Converting MONOCHROME1")
 
@@ -216,16 +217,6 @@ class Carina:
 
 
 # --- measurements ---------------------------------------------------------------------------------
-
-
-def best_ms(fn, repeats: int) -> float:
-    """Fastest of `repeats` runs, in ms (the least disturbed run on a shared machine)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return min(times)
 
 
 def per_image_stage_times(images, reference: Reference, carina: Carina, repeats: int) -> dict:

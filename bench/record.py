@@ -8,9 +8,20 @@ import os
 import platform
 import socket
 import sys
+import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def best_ms(fn, repeats: int) -> float:
+    """Fastest of `repeats` runs, in ms (the least disturbed run on a shared machine)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return min(times)
 
 
 def machine() -> dict:

@@ -206,6 +206,20 @@ def htj2k(ds: Dataset, tool: str, *, rpcl: bool = False) -> Dataset:
     return reread(out)
 
 
+def absurd_dimensions_dx() -> Dataset:
+    """A header claiming 60000 x 60000 16-bit pixels with 16 bytes of pixel data:
+    the pixel budget must refuse it before any decoder is asked."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 60000
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = b"\x00\x00" * 8
+    return ds
+
+
 def reread(ds: Dataset) -> Dataset:
     """Round-trip through bytes, so the result is exactly what a receiver would parse."""
     import io

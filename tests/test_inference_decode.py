@@ -14,7 +14,7 @@ import pytest
 import torchxrayvision as xrv
 from PIL import Image, ImageFile
 from peers import require_tool
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_voi_lut, apply_windowing
 from pydicom.uid import (
     JPEG2000,
@@ -23,7 +23,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    generate_uid,
 )
 
 import inference.decode
@@ -288,14 +287,7 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
 
 def test_absurd_dimensions_are_refused_before_decoding(monkeypatch):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPInstanceUID = generate_uid()
-    ds.Rows = ds.Columns = 60000
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = b"\x00\x00" * 8
+    ds = f.absurd_dimensions_dx()
     decoders = count_calls(monkeypatch, inference.decode, "get_decoder")
     tracemalloc.start()
     try:
