@@ -66,6 +66,7 @@ STAGES = ("store", "infer", "encode", "deliver")
 # kills come early, while studies are still being pushed.
 KILL_PLAN = ("store", "infer", "store", "deliver", "encode", "random")
 TRIES = 4  # a targeted kill that missed its stage is aimed again, up to this many times
+RESERVE = 12  # studies the killer may feed when the pipeline has drained before a planned kill
 CARINA_AE = "CARINA"  # the node's calling AE towards the PACS
 
 
@@ -88,21 +89,49 @@ def push(node: CarinaNode, path: Path) -> str:
 class Pusher(threading.Thread):
     """A modality: pushes each study once, trying again while the node is
     down. Every storescu run is an attempt with its start and end time, so a
-    kill can be matched to the C-STORE it interrupted."""
+    kill can be matched to the C-STORE it interrupted.
 
-    def __init__(self, node: CarinaNode, studies, seed: int, errors: list):
+    After the planned studies it waits for more until closed: when the killer
+    aims at a stage that has no work left (the pipeline outran it on a busy
+    machine), it feeds one study from the reserve, so every planned kill has
+    something to land in whatever the machine's speed."""
+
+    def __init__(self, node: CarinaNode, studies, reserve, seed: int, errors: list):
         super().__init__(name="pusher")
-        self.node, self.studies, self.rng, self.errors = node, studies, random.Random(seed), errors
+        self.node, self.rng, self.errors = node, random.Random(seed), errors
+        self.queue, self.reserve = list(studies), list(reserve)
+        self.pushed: list[tuple[str, str, Path]] = []  # every study taken from the queue, in order
         self.attempts: list[dict] = []  # {"study", "start", "end", "result", "text"}
         self.outcome: dict[str, str] = {}  # study uid -> acked | aborted
         self.store_request = threading.Event()  # set at the next "Sending Store Request" once armed
         self._armed = False
-        self._lock = threading.Lock()
+        self._closed = False
+        self._busy = False
+        self._lock = threading.Condition()
 
     def arm(self) -> None:
         with self._lock:
             self._armed = True
             self.store_request.clear()
+
+    def feed(self) -> bool:
+        """Queue one reserve study; False when the reserve is used up."""
+        with self._lock:
+            if not self.reserve:
+                return False
+            self.queue.append(self.reserve.pop(0))
+            self._lock.notify_all()
+            return True
+
+    def idle(self) -> bool:
+        """Nothing queued and nothing being pushed."""
+        with self._lock:
+            return not self.queue and not self._busy
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
 
     def _on_line(self, line: str) -> None:
         if "Sending Store Request" in line:
@@ -116,9 +145,20 @@ class Pusher(threading.Thread):
         with self._lock:
             return all(a["end"] is not None for a in self.attempts if a["start"] <= moment)
 
+    def _next(self):
+        with self._lock:
+            self._lock.wait_for(lambda: self.queue or self._closed)
+            if not self.queue:
+                return None
+            self._busy = True
+            study = self.queue.pop(0)
+            self.pushed.append(study)
+            return study
+
     def run(self) -> None:
         try:
-            for study_uid, _, path in self.studies:
+            while (study := self._next()) is not None:
+                study_uid, _, path = study
                 while True:
                     attempt = {"study": study_uid, "start": time.monotonic(), "end": None, "result": None, "text": ""}
                     with self._lock:
@@ -132,6 +172,8 @@ class Pusher(threading.Thread):
                     # Never reached the node: wait until it listens again, then retry.
                     wait_until(lambda: accepts_connections(self.node.dicom_port), 180, interval=0.05,
                                what="the node listening again")
+                with self._lock:
+                    self._busy = False
                 time.sleep(self.rng.uniform(0.05, 0.5))  # a modality's pace between studies
         except BaseException as exc:  # surfaced in the main thread
             self.errors.append(exc)
@@ -170,12 +212,12 @@ class Killer(threading.Thread):
         """One kill aimed at `target`; True when it landed there."""
         node = self.node
         if target == "store":
-            if not self.pusher.is_alive():
-                return False
             self.pusher.arm()
+            if self.pusher.idle() and not self.pusher.feed():
+                return False  # the reserve is used up: no C-STORE left to interrupt
             while not self.pusher.store_request.wait(0.1):
-                if not self.pusher.is_alive():
-                    return False  # every study pushed: no C-STORE left to interrupt
+                if self.pusher.idle() and not self.pusher.feed():
+                    return False
             time.sleep(self.rng.uniform(0.0, 0.02))  # a seeded offset into the ~20 ms C-STORE
             return self.aborted_attempt(self.kill(target)) is not None
         if target == "random":
@@ -193,7 +235,10 @@ class Killer(threading.Thread):
             if target in self.jobs_running_in(node.proc.pid):
                 return "running"
             left = carina_db_rows(node, "SELECT id FROM jobs WHERE stage = ? AND state IN ('pending', 'running') LIMIT 1", (target,))
-            return "none left" if not left and not self.pusher.is_alive() else False
+            if left or not self.pusher.idle():
+                return False
+            # The pipeline drained: a new study will bring a job of this stage.
+            return False if self.pusher.feed() else "none left"
 
         if wait_until(stage_running, 90, interval=0.01, what=f"a {target} job running") == "none left":
             return False  # nothing of that stage will run again; the assertions report the miss
@@ -208,6 +253,8 @@ class Killer(threading.Thread):
                         break
         except BaseException as exc:
             self.errors.append(exc)
+        finally:
+            self.pusher.close()
 
 
 def aborted_by(attempt: dict, kill: dict) -> bool:
@@ -236,11 +283,12 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
     node, pacs, work = crash_rig
     rng = random.Random(SEED)
     print(f"crash test seed {SEED} (set CARINA_CRASH_SEED to replay)")
-    *studies, barrier = small_studies(work, STUDIES + 1, rng)
+    planned = small_studies(work, STUDIES + RESERVE + 1, rng)
+    barrier = planned.pop()
     node.start()
 
     errors: list[BaseException] = []
-    pusher = Pusher(node, studies, SEED + 1, errors)
+    pusher = Pusher(node, planned[:STUDIES], planned[STUDIES:], SEED + 1, errors)
     killer = Killer(node, pusher, SEED + 2, errors)
     started = time.monotonic()
     pusher.start()
@@ -251,6 +299,8 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
     assert not killer.is_alive() and not pusher.is_alive(), "killer or pusher still running"
     assert not errors, errors
     kills = killer.kills
+    studies = pusher.pushed  # the planned ones and any the killer fed
+    count = len(studies)
     wait_until(node._healthy, 120, what="carina healthy after the last restart")
 
     # In-doubt C-STOREs: the node may or may not have committed them. Those it
@@ -266,7 +316,7 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
         studies_counts = node.api("/api/v1/studies?limit=1")["counts"]
         return (
             not counts.get("pending") and not counts.get("running")
-            and studies_counts.get("done", 0) + studies_counts.get("failed", 0) + studies_counts.get("ignored", 0) == STUDIES
+            and studies_counts.get("done", 0) + studies_counts.get("failed", 0) + studies_counts.get("ignored", 0) == count
         )
 
     wait_until(all_settled, 150, interval=0.5, what="every job done or dead and every study settled")
@@ -297,8 +347,8 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
         if reception["calling_ae"] == CARINA_AE:
             received[reception["sop"]].append(reception["tags"])
     study_rows = len(carina_db_rows(node, "SELECT id FROM studies"))
-    if study_rows != STUDIES:
-        duplicates.append(f"{study_rows} study rows for {STUDIES} studies")
+    if study_rows != count:
+        duplicates.append(f"{study_rows} study rows for {count} studies")
 
     for study_uid, sop_uid, path in studies:
         rows = instance_rows.get(sop_uid, [])
@@ -356,8 +406,8 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
     # FHIR: one report per study, and no resource written twice. A re-run
     # after a crash must not add a version (an EHR would see a spurious update).
     reports = carina_db_rows(node, "SELECT COUNT(*) FROM fhir_resources WHERE resource_type = 'DiagnosticReport'")[0][0]
-    if reports != STUDIES:
-        duplicates.append(f"{reports} DiagnosticReports for {STUDIES} studies")
+    if reports != count:
+        duplicates.append(f"{reports} DiagnosticReports for {count} studies")
     rewritten = carina_db_rows(
         node, "SELECT resource_type, resource_id, MAX(version_id) FROM fhir_resources GROUP BY resource_type, resource_id HAVING MAX(version_id) > 1"
     )
@@ -367,6 +417,7 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
     attempts = Counter(a["result"] for a in pusher.attempts)
     summary = {
         "seed": SEED,
+        "studies": count,
         "kills": len(kills),
         "kills by target": dict(Counter(k["target"] for k in kills)),
         "kills that landed in": dict(sorted(per_stage.items())),
