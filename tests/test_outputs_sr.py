@@ -28,13 +28,16 @@ from inference.types import (
     Region,
 )
 from node.outputs import uids
-from node.outputs.sr import CORNERSTONE_FREEHAND_ROI, build_sr, scoord_polyline, tracking_uid
+from node.outputs.regions import outline
+from node.outputs.text import plain
+from node.outputs.sr import CORNERSTONE_FREEHAND_ROI, build_sr, tracking_uid
 from node.terminology import load_terminology
 from peers import dciodvfy_errors, dsrdump, require_tool
 from scored_factory import ISSUED, headers, scored_study
 
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
 REAL = ModelInfo("densenet121-res224-all", "2024.1", demo=False, weights_sha256="ab" * 32)
+PLAIN_WARNING = plain(DEMO_WARNING)
 
 
 def sr_of(sources, model: ModelInfo, version: int, predecessors=None, *, issued: dt.datetime = ISSUED, **options):
@@ -189,6 +192,39 @@ def test_sr_passes_dciodvfy_dsrdump_and_highdicom(tmp_path, kind, model):
     assert len(back.content.get_image_measurement_groups()) == 2 * len(sources)
     assert len(evaluations_of(pydicom.dcmread(path))) == 12 * len(sources)
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_sr_references_each_images_presentation_state(tmp_path):
+    """The GSPS that outlines an image's findings is named in that image's
+    Image Library entry (Image Reference Macro, Referenced SOP Sequence) and
+    listed as evidence; dcmtk reads it as the image's presentation state."""
+    from node.outputs.gsps import build_presentation_state
+
+    first = make_dx(view_position="PA")
+    second = make_dx(view_position="AP", study_uid=first.StudyInstanceUID)
+    sources = [(first, make_result(first, REAL)), (second, make_result(second, REAL, positives={}))]
+    study = scored_study(sources, model=REAL)
+    state = build_presentation_state(first, study.images[0], study)
+    assert build_presentation_state(second, study.images[1], study) is None  # nothing drawn on it
+    sr = build_sr(study, headers(sources), presentation_states={first.SOPInstanceUID: state})
+    path = write(sr, tmp_path / "sr.dcm")
+    assert_valid_dicom(path)
+    assert "(DX image,),(GSPS,)" in dsrdump_checked(path)
+
+    [library] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    entries = {e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: e.ReferencedSOPSequence[0]
+               for e in library.ContentSequence[0].ContentSequence}
+    [reference] = entries[first.SOPInstanceUID].ReferencedSOPSequence
+    assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == (state.SOPClassUID, state.SOPInstanceUID)
+    assert "ReferencedSOPSequence" not in entries[second.SOPInstanceUID]
+    evidence = {(item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
+                for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert evidence == {(first.SOPClassUID, first.SOPInstanceUID), (second.SOPClassUID, second.SOPInstanceUID),
+                        (state.SOPClassUID, state.SOPInstanceUID)}
+    # without GSPS the SR names no presentation state
+    plain_sr = build_sr(study, headers(sources))
+    assert "(GSPS,)" not in dsrdump_checked(write(plain_sr, tmp_path / "plain.dcm"))
 
 
 # --- header, UIDs, equipment --------------------------------------------------------
@@ -401,14 +437,14 @@ def test_scoord_uses_pixel_corner_origin_and_stays_inside_the_image():
     # index-space polygon: pixel (0,0) centre at 0.0 -> DICOM 0.5; vertices
     # beyond the matrix are clipped to [0, Columns] x [0, Rows].
     region = Region(polygon=np.array([[0.0, 0.0], [9.0, 0.0], [12.0, 7.0], [0.0, 7.0]]), bbox=(0, 0, 10, 8), area_px=70)
-    points = scoord_polyline(region, rows=8, columns=10)
+    points = outline(region, rows=8, columns=10)
     assert points.dtype == np.float32
     assert points[0].tolist() == [0.5, 0.5]
     assert points[1].tolist() == [9.5, 0.5]
     assert points[2].tolist() == [10.0, 7.5]  # x clipped at Columns
     assert points[-1].tolist() == points[0].tolist()  # closed
     degenerate = Region(polygon=np.array([[3.0, 3.0], [3.0, 3.0]]), bbox=(3, 3, 4, 4), area_px=1)
-    assert scoord_polyline(degenerate, 8, 10).tolist() == [[3, 3], [4, 3], [4, 4], [3, 4], [3, 3]]
+    assert outline(degenerate, 8, 10).tolist() == [[3, 3], [4, 3], [4, 4], [3, 4], [3, 3]]
 
 
 def test_sr_scoords_lie_within_their_source_image():
@@ -524,7 +560,7 @@ def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
     demo = sr_of([(ds, make_result(ds, DEMO))], DEMO, 1)
     dump = dsrdump_checked(write(demo, tmp_path / "demo.dcm"))
 
-    assert demo.SeriesDescription == f"Carina AI findings — {DEMO_WARNING}"
+    assert demo.SeriesDescription == f"Carina AI findings - {PLAIN_WARNING}"
     assert len(demo.SeriesDescription) <= 64
     assert "DEMO WEIGHTS" in dump  # series line and comments, as any SR viewer shows them
     comments = [
@@ -533,16 +569,38 @@ def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
         if i.ConceptNameCodeSequence[0].CodeValue == "121106"
     ]
     assert demo.ContentSequence[-1].ConceptNameCodeSequence[0].CodeValue == "C0034375"
-    assert any(DEMO_WARNING in c for c in comments)
+    # Content items carry the caveat in ASCII: dcmjs (OHIF) decodes nested
+    # text as Latin-1, so the em dash would come out garbled there.
+    assert PLAIN_WARNING == "DEMO WEIGHTS - NOT FOR CLINICAL USE"
+    assert any(PLAIN_WARNING in c for c in comments)
     assert groups_of(demo)
     for group in groups_of(demo):
         # after the label comment, which names the finding
-        assert [i.TextValue for i in item(group, "121106", "TEXT")][1:] == [DEMO_WARNING]
+        assert [i.TextValue for i in item(group, "121106", "TEXT")][1:] == [PLAIN_WARNING]
 
     real = sr_of([(ds, make_result(ds, REAL))], REAL, 1)
     text = re.sub(r"\s+", " ", str(real))
     assert "DEMO" not in text
     assert all(len(item(group, "121106")) == 1 for group in groups_of(real))
+
+
+def test_sr_declares_utf8_only_when_a_value_needs_it(tmp_path):
+    ascii_source = make_dx()
+    del ascii_source.SpecificCharacterSet
+    real = sr_of([(ascii_source, make_result(ascii_source, REAL))], REAL, 1)
+    assert "SpecificCharacterSet" not in real  # default repertoire: every value is ASCII
+    # the demo caveat is written in ASCII everywhere in the SR
+    demo = sr_of([(ascii_source, make_result(ascii_source, DEMO))], DEMO, 1)
+    assert "SpecificCharacterSet" not in demo
+    accented = make_dx(patient_name="Müller^Zoë")
+    named = sr_of([(accented, make_result(accented, REAL))], REAL, 1)
+    assert named.SpecificCharacterSet == "ISO_IR 192"
+    path = write(named, tmp_path / "named.dcm")
+    assert str(pydicom.dcmread(path).PatientName) == "Müller^Zoë"
+    for sr in (real, demo, named):
+        text = [e.value for e in sr.iterall() if e.VR in ("ST", "LT", "UT", "LO", "SH") and isinstance(e.value, str)]
+        assert all(v.isascii() for v in text)
+        assert_valid_dicom(write(sr, tmp_path / "sr.dcm"))
 
 
 def test_probability_is_written_tidily():

@@ -29,6 +29,13 @@ tests/js/ohif_sr_check.mjs):
   With no region at all, Imaging Measurements stays as an empty container
   (dcmtk's TID 1500 writer does the same), which both readers accept.
 
+Each source image's Image Library entry names the GSPS that outlines its
+findings, when one was written (`presentation_states`), and the evidence
+lists it. Text in the content tree is ASCII (the demo caveat with a hyphen),
+because dcmjs, which OHIF reads files with, decodes nested text as Latin-1;
+Specific Character Set is declared only when a value needs it (e.g. a
+patient name), see node/outputs/text.py.
+
 Why the root concept is not LOINC 18748-4 by default: OHIF opens a TID 1500 SR
 only when the root concept is (126000, DCM, "Imaging Measurement Report") and
 otherwise shows "not supported" and nothing else. Both are in CID 7021, so
@@ -71,7 +78,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, validate_value
 
-from inference.types import Finding, ModelInfo, Region
+from inference.types import Finding, ModelInfo
 from node.outputs import uids
 from node.outputs.equipment import (
     DEVICE_NAME,
@@ -80,6 +87,8 @@ from node.outputs.equipment import (
     device_uid,
     series_description,
 )
+from node.outputs.regions import drawable, largest, outline
+from node.outputs.text import UTF8, declare_character_set, plain_caveat
 from node.scored_study import ScoredStudy
 from node.terminology import Terminology, load_terminology, procedure_coding
 
@@ -107,12 +116,16 @@ def build_sr(
     manufacturer: str = MANUFACTURER,
     series_number: int = SR_SERIES_NUMBER,
     title: Code | None = None,
+    presentation_states: Mapping[str, Dataset] | None = None,
 ) -> Comprehensive3DSR:
     """TID 1500 SR over all scored images of one study version.
 
     `headers` are the scored images' source headers by SOP Instance UID
     (pixels are not needed); `predecessors` the SRs this one supersedes
-    (PS3.3 C.17.2.1 Predecessor Documents Sequence). Content and Instance
+    (PS3.3 C.17.2.1 Predecessor Documents Sequence); `presentation_states`
+    the GSPS written for a source image, by its SOP Instance UID: its Image
+    Library entry references it (the Image Reference Macro's Referenced SOP
+    Sequence, PS3.3 C.18.4) and the evidence lists it. Content and Instance
     Creation date/time are the study's issue time, and everything else
     depends only on the inputs, so a re-run produces identical bytes.
     """
@@ -136,7 +149,7 @@ def build_sr(
         imaging_measurements=[
             _region_group(header, finding, model, algorithm, terms)
             for header, finding in findings
-            if _drawable(finding)
+            if drawable(finding)
         ],
         title=title or IMAGING_MEASUREMENT_REPORT,
     )
@@ -144,14 +157,16 @@ def build_sr(
     # highdicom's own library splits images into one group per modality, but
     # OHIF reads only the first group; ours keeps them together (and does
     # not crash on CR/DX headers without orientation or imager spacing).
-    root_items.insert(len(root_items) - 1, _image_library(headers))
+    states = dict(presentation_states or {})
+    root_items.insert(len(root_items) - 1, _image_library(headers, states))
     evaluations = [
-        _evaluation(header, finding, model, algorithm, terms) for header, finding in findings if not _drawable(finding)
+        _evaluation(header, finding, model, algorithm, terms) for header, finding in findings if not drawable(finding)
     ]
     root_items.append(_qualitative_evaluations(model, evaluations))
 
     sr = Comprehensive3DSR(
-        evidence=headers,
+        # The sources first: highdicom takes the patient and study from evidence[0].
+        evidence=[*headers, *(states[uid] for uid in source_uids if uid in states)],
         content=report,
         series_instance_uid=uids.series_uid(study_uid, model.ref, "sr"),
         series_number=series_number,
@@ -167,36 +182,16 @@ def build_sr(
         software_versions=model.version[:64],
         content_date=DA(created.date()),
         content_time=TM(created.time()),
-        specific_character_set="ISO_IR 192",  # the caveat's em dash is not Latin-1
+        specific_character_set=UTF8,  # narrowed to what the values need below
     )
     sr.InstanceCreationDate = DA(created.date())
     sr.InstanceCreationTime = TM(created.time())
     sr.ContributingEquipmentSequence = contributing_equipment(
         headers, model, manufacturer=manufacturer, contributed_at=created
     )
-    _drop_invalid_optional_patient_study(sr)
+    drop_invalid_optional_patient_study(sr)
+    declare_character_set(sr)
     return sr
-
-
-def scoord_polyline(region: Region, rows: int, columns: int) -> np.ndarray:
-    """Closed SCOORD POLYLINE (column, row) for `region` in DICOM image coordinates.
-
-    PS3.3 C.18.6.1.1: (0.0, 0.0) is the top-left *corner* of the top-left
-    pixel and pixel centres lie at half-integers. `Region.polygon` is in array
-    index space (pixel centre at integers, as skimage contours produce), so
-    each vertex moves by +0.5. Clipped to [0, columns] x [0, rows].
-    A degenerate outline falls back to the bounding box, whose
-    inclusive-exclusive integer edges are already pixel-corner positions.
-    """
-    points = np.asarray(region.polygon, dtype=np.float64).reshape(-1, 2) + 0.5
-    if len(np.unique(np.round(points, 3), axis=0)) < 3:
-        x1, y1, x2, y2 = region.bbox
-        points = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)
-    points[:, 0] = np.clip(points[:, 0], 0.0, float(columns))
-    points[:, 1] = np.clip(points[:, 1], 0.0, float(rows))
-    if not np.array_equal(points[0], points[-1]):
-        points = np.vstack([points, points[:1]])
-    return points.astype(np.float32)
 
 
 def tracking_uid(source_sop_uid: str, model_ref: str, label: str) -> str:
@@ -255,11 +250,6 @@ def _observation_context(model: ModelInfo, manufacturer: str) -> ObservationCont
     return ObservationContext(observer_device_context=ObserverContext(codes.DCM.Device, device))
 
 
-def _drawable(finding: Finding) -> bool:
-    """A finding OHIF can draw: positive, with a region to outline."""
-    return finding.positive and bool(finding.regions)
-
-
 def _measurement_report(imaging_measurements: list, **kwargs) -> MeasurementReport:
     """TID 1500 root; Imaging Measurements stays (empty) when nothing is drawable.
 
@@ -299,9 +289,8 @@ def _region_group(
     sop_uid = str(header.SOPInstanceUID)
     # One region per finding: the largest stands for it (the SC heatmap
     # outlines all of them).
-    region = max(finding.regions, key=lambda r: r.area_px)
-    outline = scoord_polyline(region, int(header.Rows), int(header.Columns))
-    area, area_unit = _outline_area(outline, header)
+    points = outline(largest(finding), int(header.Rows), int(header.Columns))
+    area, area_unit = _outline_area(points, header)
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=tracking_uid(sop_uid, model.ref, finding.label),
@@ -317,7 +306,7 @@ def _region_group(
                 referenced_coordinates=[
                     CoordinatesForMeasurement(
                         graphic_type=GraphicTypeValues.POLYLINE,
-                        graphic_data=outline,
+                        graphic_data=points,
                         source_image=SourceImageForRegion.from_source_image(header),
                         purpose=codes.DCM.ImageRegion,
                     )
@@ -332,7 +321,7 @@ def _region_group(
     # The first Comment is the label both viewers show for the region.
     group[0].ContentSequence.append(_comment(codes_.display))
     if model.caveat:
-        group[0].ContentSequence.append(_comment(model.caveat))
+        group[0].ContentSequence.append(_comment(plain_caveat(model)))
     return group
 
 
@@ -396,7 +385,7 @@ def _qualitative_evaluations(model: ModelInfo, evaluations: list[CodeContentItem
     )
     notes = []
     if model.caveat:
-        notes.append(_comment(f"{model.caveat}. These results come from demonstration weights."))
+        notes.append(_comment(f"{plain_caveat(model)}. These results come from demonstration weights."))
     notes.append(
         _comment(
             f"AI-generated by Carina (model {model.name}, version {model.version}); "
@@ -407,8 +396,9 @@ def _qualitative_evaluations(model: ModelInfo, evaluations: list[CodeContentItem
     return container
 
 
-def _image_library(headers: list[Dataset]) -> ContainerContentItem:
-    """TID 1600 Image Library, one group holding every source image."""
+def _image_library(headers: list[Dataset], presentation_states: Mapping[str, Dataset]) -> ContainerContentItem:
+    """TID 1600 Image Library, one group holding every source image, each
+    naming the presentation state (GSPS) that draws the AI's outlines on it."""
     entries = []
     for header in headers:
         entry = ImageContentItem(
@@ -417,6 +407,12 @@ def _image_library(headers: list[Dataset]) -> ContainerContentItem:
             referenced_sop_instance_uid=header.SOPInstanceUID,
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
+        state = presentation_states.get(str(header.SOPInstanceUID))
+        if state is not None:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = state.SOPClassUID
+            reference.ReferencedSOPInstanceUID = state.SOPInstanceUID
+            entry.ReferencedSOPSequence[0].ReferencedSOPSequence = [reference]
         entry.ContentSequence = _library_descriptors(header)
         entries.append(entry)
     group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS)
@@ -466,21 +462,22 @@ def _modality_code(modality: str) -> Code | None:
     return None
 
 
-def _drop_invalid_optional_patient_study(sr: Dataset) -> None:
+def drop_invalid_optional_patient_study(obj: Dataset) -> None:
     """Remove Type 3 patient/study attributes whose copied value is invalid.
 
     highdicom copies the whole Patient and Patient Study modules from the
-    first source. Modalities do send malformed optional values (e.g. Patient's
-    Age "62" instead of "062Y"); passing one on would make our SR fail
-    validation for data we did not produce. Type 1/2 values are left alone.
+    first source into the SR, SEG and GSPS. Modalities do send malformed
+    optional values (e.g. Patient's Age "62" instead of "062Y"); passing one
+    on would make our object fail validation for data we did not produce.
+    Type 1/2 values are left alone.
     """
     module_map = get_module_attribute_map()
     for module in ("patient", "patient-study", "general-study", "clinical-trial-subject", "clinical-trial-study"):
         for attribute in module_map.get(module, []):
             keyword = attribute["keyword"]
-            if attribute["path"] or attribute["type"] != "3" or keyword not in sr:
+            if attribute["path"] or attribute["type"] != "3" or keyword not in obj:
                 continue
-            element = sr[keyword]
+            element = obj[keyword]
             if element.VR == "SQ" or element.value is None:
                 continue
             values = element.value if element.VM > 1 else [element.value]
@@ -488,4 +485,4 @@ def _drop_invalid_optional_patient_study(sr: Dataset) -> None:
                 for value in values:
                     validate_value(element.VR, value, pydicom_config.RAISE)
             except ValueError:
-                del sr[keyword]
+                del obj[keyword]
