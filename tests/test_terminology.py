@@ -110,6 +110,19 @@ def test_fhir_only_codes_come_from_ps316():
         assert dcm[fhir[key].code] == fhir[key].display
 
 
+def test_seg_codes_come_from_their_ps316_context_groups():
+    """The SEG's segment category (CID 7150) and algorithm family (CID 7162),
+    as pydicom's copy of PS3.16 has them."""
+    from pydicom.sr.codedict import codes as ps316
+
+    seg = load_terminology().seg
+    for key, expected in (("category", ps316.cid7150.MorphologicallyAbnormalStructure),
+                          ("algorithm_family", ps316.cid7162.ArtificialIntelligence)):
+        code = seg[key].dicom()
+        assert (code.value, code.scheme_designator, code.meaning) == (expected.value, expected.scheme_designator, expected.meaning)
+        assert len(RAW["seg"][key]["source"]) > 20
+
+
 def test_hl7_v2_coding_system_names():
     terms = load_terminology()
     assert terms.finding("Effusion").snomed.v2() == ("60046008", "Pleural effusion", "SCT")
