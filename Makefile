@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.carina-installed
 CONFIG ?= config/carina.yaml
+# OHIF/Cornerstone3D, pinned in tests/js/package-lock.json, for the tests that run their code.
+JS       := tests/js
+JS_STAMP := $(JS)/node_modules/.carina-installed
 
 .PHONY: run test peers bench clean
 
@@ -20,7 +23,11 @@ run: $(STAMP)
 peers:
 	scripts/ensure-peers.sh
 
-test: $(STAMP) peers
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json | peers
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $@
+
+test: $(STAMP) peers $(JS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Each benchmark prints its JSON and writes it under bench/results/.
@@ -29,4 +36,4 @@ bench: $(STAMP) peers
 	$(BIN)/python bench/hostile_input.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache $(JS)/node_modules

@@ -14,6 +14,11 @@ from dicom_scp.sockets import NODELAY_HANDLER
 log = logging.getLogger(__name__)
 
 
+# DIMSE "Refused: SOP Class not supported" (PS3.7 C.4.2.1.4): recorded for an
+# instance whose SOP class the peer did not accept at association.
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+
 class SendError(Exception):
     """The destination could not be reached or refused the association."""
 
@@ -53,9 +58,14 @@ def send_files(
     if not assoc.is_established:
         raise SendError(f"association with {called_ae}@{host}:{port} not established")
     report = SendReport()
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     try:
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
+            if str(ds.SOPClassUID) not in accepted:
+                # The peer refused the presentation context: nothing to send it over.
+                report.statuses[uid] = SOP_CLASS_NOT_SUPPORTED
+                continue
             rsp = assoc.send_c_store(ds)
             if not assoc.is_established and not rsp:
                 raise SendError(f"association with {called_ae} lost while sending {uid}")

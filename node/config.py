@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from node.states import OutputKind
+
 DEFAULT_CONFIG_PATH = Path("config/carina.yaml")
 
 
@@ -244,6 +246,28 @@ class PipelineSettings(_Strict):
     backoff_max_seconds: float = Field(default=300.0, gt=0)
 
 
+class OutputSettings(_Strict):
+    """Which DICOM objects the encode stage writes and DICOM destinations receive."""
+
+    # sr: TID 1500 SR (every finding); sc: burned-in heatmap Secondary Captures;
+    # seg: a DICOM Segmentation per image (overlays OHIF toggles); gsps: a
+    # presentation state per image (graphic layers a classic PACS toggles).
+    kinds: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
+
+    @field_validator("kinds")
+    @classmethod
+    def _sr_and_unique(cls, value: list[OutputKind]) -> list[OutputKind]:
+        twice = sorted({k for k in value if value.count(k) > 1})
+        if twice:
+            raise ValueError(f"each output kind once; repeated: {', '.join(twice)}")
+        if OutputKind.SR not in value:
+            # The SR is the PACS's record of the run: all 14 findings (the
+            # negatives too, which no overlay shows), the demo caveat, the
+            # model, and the chain of amended versions (Predecessor Documents).
+            raise ValueError("sr cannot be turned off: it is the only DICOM output that records every finding")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CARINA_", env_nested_delimiter="__", extra="forbid")
 
@@ -257,6 +281,7 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     triage: TriageSettings = Field(default_factory=TriageSettings)
     hl7_listener: Hl7ListenerSettings = Field(default_factory=Hl7ListenerSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
 
     @field_validator("destinations")
     @classmethod

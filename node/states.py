@@ -44,6 +44,8 @@ class Stage(StrEnum):
 class OutputKind(StrEnum):
     SR = "sr"  # TID 1500 Comprehensive 3D SR
     SC = "sc"  # heatmap Secondary Capture
+    SEG = "seg"  # DICOM Segmentation, one segment per drawn finding
+    GSPS = "gsps"  # Grayscale Softcopy Presentation State, one graphic layer per drawn finding
 
 
 class Priority(StrEnum):

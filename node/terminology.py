@@ -53,6 +53,7 @@ class Terminology:
     report: dict[str, Coding]
     sr: dict[str, Coding]
     fhir: dict[str, Coding] = field(default_factory=dict)  # FHIR-only codes (Device.type, ...)
+    seg: dict[str, Coding] = field(default_factory=dict)  # DICOM SEG segment category, algorithm family
     # verdict ("positive" | "negative" | "critical") -> {"fhir": Coding, "v2": Coding}
     interpretation: dict[str, dict[str, Coding]] = field(default_factory=dict)
     # priority ("routine" | "stat") -> {"fhir": ..., "v2_tq1": ..., "v2_obr27": ...}
@@ -108,6 +109,7 @@ def load_terminology(path: Path = TERMINOLOGY_PATH) -> Terminology:
         report={k: coding(v) for k, v in raw["report"].items()},
         sr={k: coding(v) for k, v in raw["sr"].items()},
         fhir={k: coding(v) for k, v in raw.get("fhir", {}).items()},
+        seg={k: coding(v) for k, v in raw.get("seg", {}).items() if not k.startswith("_")},
         interpretation=group(raw.get("interpretation", {})),
         priority=group(raw.get("priority", {})),
     )

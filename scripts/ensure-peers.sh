@@ -7,6 +7,8 @@ command -v storescu >/dev/null || need+=(dcmtk)
 command -v dsrdump  >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v ojph_compress >/dev/null || need+=(openjph-tools)  # HTJ2K test variants
+command -v node     >/dev/null || need+=(nodejs)  # runs OHIF's own SR/SEG code (tests/js)
+command -v npm      >/dev/null || need+=(npm)
 command -v chromium >/dev/null || need+=(chromium)  # the UI test drives Debian's Chromium; never `playwright install`
 # PostgreSQL: the machine's server on 127.0.0.1:5432 when one answers; otherwise
 # the tests build a throwaway cluster (tests/postgres_peer.py) from Debian's binaries.

@@ -1,14 +1,17 @@
 """The whole loop against real software:
 
-dcmtk storescu (modality) -> Carina -> Orthanc (PACS) gets SR + heatmap SCs in
-the same study; dciodvfy validates each, as Orthanc returns it; dsrdump parses the SR; an EHR pulls
-the DiagnosticReport with the fhirpy client library.
+dcmtk storescu (modality) -> Carina -> Orthanc (PACS) gets the SR, heatmap SCs,
+a SEG and a GSPS in the same study; dciodvfy validates each, as Orthanc returns
+it; dsrdump parses the SR; OHIF's SR code draws the SR's regions and
+Cornerstone3D's SEG adapter loads the SEG; an EHR pulls the DiagnosticReport
+with the fhirpy client library.
 """
 from __future__ import annotations
 
 import pytest
 from dicom_factory import SIIM_MONO1, make_dx, write
 from fhirpy import SyncFHIRClient
+from ohif_js import run as run_js
 from peers import (
     Orthanc,
     node_with_pacs,
@@ -19,9 +22,13 @@ from pydicom import dcmread
 from test_outputs_sr import assert_valid_dicom, dsrdump_checked
 
 from inference.types import CHESTXRAY14, DEMO_WARNING
+from node.outputs.text import plain
+from node.terminology import load_terminology
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture(scope="module")
@@ -63,27 +70,61 @@ def test_pacs_receives_valid_sr_and_heatmaps_in_the_source_study(loop, which):
     for inst in instances:
         by_class.setdefault(_sop_class(pacs, inst), []).append(inst)
     assert len(by_class.get(SR_CLASS, [])) == 1, by_class.keys()
-    positives = {f["label"] for img in state["images"] for f in img["findings"] if f["positive"]}
-    # One SC per positive finding plus one summary, per scored image.
+    [image] = state["images"]
+    positives = {f["label"] for f in image["findings"] if f["positive"]}
+    drawn = [f["label"] for f in image["findings"] if f["positive"] and f["regions"]]
+    assert drawn, "the demo model outlines no positive finding here: SEG and GSPS would go untested"
+    # One SC per positive finding plus one summary; one SEG and one GSPS for
+    # the image's outlined findings.
     assert len(by_class.get(SC_CLASS, [])) == len(positives) + 1
-    assert set(by_class) == {SR_CLASS, SC_CLASS}
+    assert len(by_class[SEG_CLASS]) == len(by_class[GSPS_CLASS]) == 1
+    assert set(by_class) == {SR_CLASS, SC_CLASS, SEG_CLASS, GSPS_CLASS}
 
+    displays = [load_terminology().finding(label).display for label in drawn]
+    source_path = work / f"{which}-source.dcm"
+    source.save_as(source_path, enforce_file_format=True)
+    returned = {}
     for inst in instances:
         # Validate exactly the bytes the PACS hands back (/instances/{id}/file), never a local re-save.
         path = pacs.download(inst["ID"], work / f"{inst['ID']}.dcm")
         assert_valid_dicom(path)  # no dciodvfy error, non-zero exit or unexplained warning
         ds = dcmread(path)
+        returned.setdefault(str(ds.SOPClassUID), []).append((path, ds))
         assert ds.SOPInstanceUID == inst["MainDicomTags"]["SOPInstanceUID"]
         assert ds.StudyInstanceUID == study_uid and ds.PatientID == source.PatientID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
         assert ds.SeriesDescription
-        if ds.SOPClassUID == SR_CLASS:
-            dump = dsrdump_checked(path)  # exit 0 and nothing on stderr but dcmtk's known UTF-8 note
-            assert "Imaging Measurement Report" in dump or "18748-4" in dump
-            assert DEMO_WARNING in dump
-            assert ds.VerificationFlag == "UNVERIFIED"
-            for label in ("Pneumothorax", "Cardiomegaly"):
-                assert label.lower() in dump.lower()
+    [(sr_path, sr)] = returned[SR_CLASS]
+    [(seg_path, seg)] = returned[SEG_CLASS]
+    [(_, gsps)] = returned[GSPS_CLASS]
+
+    dump = dsrdump_checked(sr_path)  # exit 0 and nothing on stderr but dcmtk's known UTF-8 note
+    assert "Imaging Measurement Report" in dump or "18748-4" in dump
+    assert plain(DEMO_WARNING) in dump
+    assert sr.VerificationFlag == "UNVERIFIED"
+    for label in ("Pneumothorax", "Cardiomegaly"):
+        assert label.lower() in dump.lower()
+    # the SR names the GSPS as the source image's presentation state
+    assert "(GSPS,)" in dump
+    evidence = {item.ReferencedSOPInstanceUID for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert {source.SOPInstanceUID, gsps.SOPInstanceUID} <= evidence
+
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == displays
+    assert [layer.GraphicLayerDescription for layer in gsps.GraphicLayerSequence] == [f"Carina AI: {d}" for d in displays]
+    assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+    # The PACS copies open in OHIF: its SR code draws every outlined finding,
+    # Cornerstone3D's SEG adapter reads every segment.
+    ohif = run_js("ohif_sr_check.mjs", sr_path, source_path)
+    assert ohif["ohif"]["loadThrew"] is False and ohif["cornerstone3d"]["threw"] is False
+    assert sorted(a["textLines"][0].removesuffix(": ") for a in ohif["ohif"]["drawn"]) == sorted(displays)
+    assert len(ohif["cornerstone3d"]["toolStates"]) == len(drawn)
+    loaded = run_js("seg_check.mjs", seg_path, source_path)
+    assert loaded["threw"] is False, loaded["error"]
+    assert [s["label"] for s in loaded["segments"]] == displays
+    counted = {k for labelmap in loaded["labelmaps"] for k, n in labelmap["pixelsPerSegment"].items() if n > 0}
+    assert counted == {str(n) for n in range(1, len(drawn) + 1)}
 
 
 def test_ehr_pulls_diagnostic_report_with_14_observations(loop):

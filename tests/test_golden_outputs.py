@@ -4,9 +4,10 @@ The two-image study of tests/golden_study.py is stored as the SCP leaves it,
 then the real worker runs the real infer stage (with an engine that answers
 the fixed findings, so the outcome does not depend on floating point across
 machines), the real encode stage, and the HL7 sender's message builder; a
-late image makes version 2. Every SR, SC, FHIR resource and ORU is compared
-with what the pre-refactor builders produced for the same inputs
-(tests/data/golden/, recorded before issue #8's typed pipeline).
+late image makes version 2. Every SR, SC, SEG, GSPS, FHIR resource and ORU
+is compared with the recorded outputs (tests/data/golden/: first recorded
+before issue #8's typed pipeline, since re-recorded only for deliberate
+changes, each commit saying why).
 
 A deliberate output change re-records them: run this file once with
 CARINA_RECORD_GOLDEN=1, review `git diff tests/data/golden`, and say in the
@@ -131,7 +132,7 @@ def _record_version(ctx: NodeContext, study_id: int, version: int) -> None:
     oru = er7(hl7.message_for(ctx, hl7_work))
     (g.GOLDEN_DIR / f"oru-v{version}.er7").write_bytes(oru.encode())
     MANIFEST[f"v{version}"] = {"sr": {"sop_instance_uid": sr.sop_instance_uid, "sha256": g.digest(open(sr.path, "rb").read())},
-                               "sc": others, "fhir_sha256": g.digest(fhir_text.encode()),
+                               "objects": others, "fhir_sha256": g.digest(fhir_text.encode()),
                                "oru_sha256": g.digest(oru.encode())}
     (g.GOLDEN_DIR / "manifest.json").write_text(json.dumps(MANIFEST, indent=1) + "\n")
 
@@ -151,10 +152,11 @@ def _check_version(ctx: NodeContext, study_id: int, version: int) -> None:
 
     sr = open(outputs[golden["sr"]["sop_instance_uid"]], "rb").read()
     assert sr == (g.GOLDEN_DIR / f"sr-v{version}.dcm").read_bytes(), "SR bytes changed"
-    assert len(outputs) == 1 + len(golden["sc"])
-    for sc in golden["sc"]:
-        data = open(outputs[sc["sop_instance_uid"]], "rb").read()
-        assert (len(data), hashlib.sha256(data).hexdigest()) == (sc["bytes"], sc["sha256"]), sc["sop_instance_uid"]
+    assert len(outputs) == 1 + len(golden["objects"])
+    for other in golden["objects"]:  # SCs, SEGs and GSPSs
+        data = open(outputs[other["sop_instance_uid"]], "rb").read()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (other["bytes"], other["sha256"]), other
+    assert {o["kind"] for o in golden["objects"]} == {"sc", "seg", "gsps"}
 
     golden_fhir = (g.GOLDEN_DIR / f"fhir-v{version}.json").read_text()
     built = build_report_resources(scored, patient_system=g.PATIENT_SYSTEM)

@@ -16,9 +16,9 @@ from peers import (
     Orthanc,
     carina_outputs_in_orthanc,
     dciodvfy_errors,
+    expected_outputs,
     node_with_pacs,
     orthanc_study_series,
-    positives,
     storescu,
     study_state,
     wait_until,
@@ -90,8 +90,9 @@ def test_late_instance_makes_version_2_with_predecessor_and_amended_report(rig):
     # The file exactly as the PACS returned it (dcmread keeps its path), not a re-save.
     assert dciodvfy_errors(Path(sr_v2.filename)) == []
 
-    # SCs: one set per image (the first image's set re-sent with the same UIDs, so still one copy).
-    assert carina_outputs_in_orthanc(pacs, study_uid) == {"sr": 2, "sc": positives(v2) + len(v2["images"]), "other": 0, "series": 2}
+    # SCs, SEG and GSPS: one set per image (the first image's set re-sent with the
+    # same UIDs, so still one copy); an SR per version.
+    assert carina_outputs_in_orthanc(pacs, study_uid) == expected_outputs(v2, versions=2)
     assert len(v1["images"]) == 1
 
     report = node.api(f"/fhir/DiagnosticReport/{rid}")

@@ -24,6 +24,7 @@ from node.outputs.banner import (
     summary_banner,
 )
 from node.outputs.sc import build_heatmap_captures, display_rendition, jet
+from node.outputs.text import plain
 from scored_factory import ISSUED, scored_study
 from test_outputs_sr import DEMO, REAL, assert_valid_dicom, make_result, siim, sloppy_dx, write
 
@@ -122,7 +123,7 @@ def test_demo_caveat_is_burned_into_the_banner():
         assert not np.all(real_band == WARNING_BACKGROUND, axis=-1).any()
         assert DEMO_WARNING in demo_sc.ImageComments and "DEMO" not in real_sc.ImageComments
 
-    assert demo[0].SeriesDescription == f"Carina AI heatmaps — {DEMO_WARNING}"
+    assert demo[0].SeriesDescription == f"Carina AI heatmaps - {plain(DEMO_WARNING)}"
     assert len(demo[0].SeriesDescription) <= 64
 
     result = make_result(source, DEMO)

@@ -28,13 +28,16 @@ from inference.types import (
     Region,
 )
 from node.outputs import uids
-from node.outputs.sr import build_sr, scoord_polyline, tracking_uid
+from node.outputs.regions import outline
+from node.outputs.text import plain
+from node.outputs.sr import CORNERSTONE_FREEHAND_ROI, build_sr, tracking_uid
 from node.terminology import load_terminology
 from peers import dciodvfy_errors, dsrdump, require_tool
 from scored_factory import ISSUED, headers, scored_study
 
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
 REAL = ModelInfo("densenet121-res224-all", "2024.1", demo=False, weights_sha256="ab" * 32)
+PLAIN_WARNING = plain(DEMO_WARNING)
 
 
 def sr_of(sources, model: ModelInfo, version: int, predecessors=None, *, issued: dt.datetime = ISSUED, **options):
@@ -129,9 +132,27 @@ def dsrdump_checked(path: Path) -> str:
 
 
 def groups_of(sr: Dataset) -> list[Dataset]:
+    """Measurement groups under Imaging Measurements (the drawable findings)."""
     measurements = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
     assert len(measurements) == 1
-    return list(measurements[0].ContentSequence)
+    return list(measurements[0].get("ContentSequence", []))
+
+
+def evaluations_of(sr: Dataset) -> list[Dataset]:
+    """TID 1500 row 13 CODE evaluations in the report's Qualitative Evaluations container."""
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return [i for i in container.ContentSequence if i.ValueType == "CODE"]
+
+
+def region_of(group: Dataset) -> Dataset:
+    """The group's SCOORD: under its first NUM, where Cornerstone3D looks for it."""
+    first_num = next(i for i in group.ContentSequence if i.ValueType == "NUM")
+    [scoord] = [i for i in first_num.ContentSequence if i.ValueType == "SCOORD"]
+    return scoord
+
+
+def tracking_uids(sr: Dataset) -> list[str]:
+    return [item(g, "112040")[0].UID for g in [*groups_of(sr), *evaluations_of(sr)]]
 
 
 def item(group: Dataset, code_value: str, value_type: str | None = None) -> list[Dataset]:
@@ -165,9 +186,45 @@ def test_sr_passes_dciodvfy_dsrdump_and_highdicom(tmp_path, kind, model):
     dump = dsrdump_checked(path)
     assert "Imaging Measurement Report" in dump
     back = srread(path)
-    assert len(back.content.get_planar_roi_measurement_groups()) == 2 * len(sources)
-    assert len(back.content.get_image_measurement_groups()) == 12 * len(sources)
+    # two positive findings with a region per image are TID 1501 groups (the
+    # SCOORD hangs under a NUM); the other 12 are qualitative evaluations
+    assert len(back.content.get_planar_roi_measurement_groups()) == 0
+    assert len(back.content.get_image_measurement_groups()) == 2 * len(sources)
+    assert len(evaluations_of(pydicom.dcmread(path))) == 12 * len(sources)
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_sr_references_each_images_presentation_state(tmp_path):
+    """The GSPS that outlines an image's findings is named in that image's
+    Image Library entry (Image Reference Macro, Referenced SOP Sequence) and
+    listed as evidence; dcmtk reads it as the image's presentation state."""
+    from node.outputs.gsps import build_presentation_state
+
+    first = make_dx(view_position="PA")
+    second = make_dx(view_position="AP", study_uid=first.StudyInstanceUID)
+    sources = [(first, make_result(first, REAL)), (second, make_result(second, REAL, positives={}))]
+    study = scored_study(sources, model=REAL)
+    state = build_presentation_state(first, study.images[0], study)
+    assert build_presentation_state(second, study.images[1], study) is None  # nothing drawn on it
+    sr = build_sr(study, headers(sources), presentation_states={first.SOPInstanceUID: state})
+    path = write(sr, tmp_path / "sr.dcm")
+    assert_valid_dicom(path)
+    assert "(DX image,),(GSPS,)" in dsrdump_checked(path)
+
+    [library] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    entries = {e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: e.ReferencedSOPSequence[0]
+               for e in library.ContentSequence[0].ContentSequence}
+    [reference] = entries[first.SOPInstanceUID].ReferencedSOPSequence
+    assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == (state.SOPClassUID, state.SOPInstanceUID)
+    assert "ReferencedSOPSequence" not in entries[second.SOPInstanceUID]
+    evidence = {(item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
+                for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert evidence == {(first.SOPClassUID, first.SOPInstanceUID), (second.SOPClassUID, second.SOPInstanceUID),
+                        (state.SOPClassUID, state.SOPInstanceUID)}
+    # without GSPS the SR names no presentation state
+    plain_sr = build_sr(study, headers(sources))
+    assert "(GSPS,)" not in dsrdump_checked(write(plain_sr, tmp_path / "plain.dcm"))
 
 
 # --- header, UIDs, equipment --------------------------------------------------------
@@ -257,63 +314,121 @@ def test_sr_title_can_be_the_terminology_loinc_code(tmp_path):
     dsrdump_checked(path)
 
 
-def test_sr_one_group_per_finding_in_label_order():
+def test_sr_every_finding_once_in_label_order():
     terms = load_terminology()
     ds = make_dx()
-    result = make_result(ds, REAL, positives={"Cardiomegaly": 0.8})
+    result = make_result(ds, REAL, positives={"Cardiomegaly": 0.8, "Mass": 0.7})
     sr = sr_of([(ds, result)], REAL, 1)
-    groups = groups_of(sr)
-    assert len(groups) == 14
+    groups, evaluations = groups_of(sr), evaluations_of(sr)
+    assert len(groups) == 2 and len(evaluations) == 12
 
-    tracking_uids = set()
-    for group, finding in zip(groups, result.findings):
-        concept = terms.finding(finding.label).dicom
-        [finding_item] = item(group, "121071", "CODE")
-        assert (finding_item.ConceptCodeSequence[0].CodeValue, finding_item.ConceptCodeSequence[0].CodingSchemeDesignator) == (
-            concept.code, concept.scheme)
+    def name_code(i: Dataset) -> str:
+        return i.ConceptNameCodeSequence[0].CodeValue
 
-        [evaluation] = item(group, concept.code, "CODE")  # concept name = the finding itself
+    tracking_uids_seen = set()
+    drawable = iter(groups)
+    region_less = iter(evaluations)
+    for finding in result.findings:
+        codes_ = terms.finding(finding.label)
+        concept = codes_.dicom
         verdict = terms.sr["present" if finding.positive else "absent"]
-        assert evaluation.ConceptCodeSequence[0].CodeValue == verdict.code
-
-        [probability] = item(group, "122157", "NUM")
+        if finding.positive:
+            group = next(drawable)
+            assert group.ContentTemplateSequence[0].TemplateIdentifier == "1501"
+            [finding_item] = item(group, "121071", "CODE")
+            assert (finding_item.ConceptCodeSequence[0].CodeValue, finding_item.ConceptCodeSequence[0].CodingSchemeDesignator) == (
+                concept.code, concept.scheme)
+            [evaluation] = item(group, concept.code, "CODE")  # concept name = the finding itself
+            assert evaluation.ConceptCodeSequence[0].CodeValue == verdict.code
+            # Area first: Cornerstone3D takes the SCOORD from the first NUM
+            nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+            assert [name_code(n) for n in nums] == ["42798000", "122157", "122411"]
+            region = region_of(group)
+            assert (region.RelationshipType, region.GraphicType) == ("INFERRED FROM", "POLYLINE")
+            assert name_code(region) == "111030"
+            [source] = region.ContentSequence
+            assert source.RelationshipType == "SELECTED FROM"
+            assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+            # OHIF labels a NUM only when it has no children (or has the SCOORD)
+            assert "ContentSequence" not in nums[1] and "ContentSequence" not in nums[2]
+            [probability], [threshold] = nums[1:2], nums[2:3]
+            # the first Comment is the label OHIF and Cornerstone3D show
+            assert [i.TextValue for i in item(group, "121106", "TEXT")] == [codes_.display]
+            names = {name_code(i): i for i in group.ContentSequence if i.ValueType == "TEXT"}
+            assert names["112039"].TextValue.startswith(f"{CORNERSTONE_FREEHAND_ROI}:{codes_.display} (SOP ...")
+            assert names["111001"].TextValue == REAL.name and names["111003"].TextValue == REAL.version
+            [tracking] = item(group, "112040", "UIDREF")
+        else:
+            evaluation = next(region_less)
+            assert (name_code(evaluation), evaluation.ConceptNameCodeSequence[0].CodingSchemeDesignator) == (
+                concept.code, concept.scheme)
+            assert evaluation.ConceptCodeSequence[0].CodeValue == verdict.code
+            assert evaluation.RelationshipType == "CONTAINS"
+            [probability] = item(evaluation, "122157", "NUM")
+            [threshold] = item(evaluation, "122411", "NUM")
+            assert probability.RelationshipType == threshold.RelationshipType == "HAS PROPERTIES"
+            [source] = [i for i in evaluation.ContentSequence if i.ValueType == "IMAGE"]
+            assert source.RelationshipType == "INFERRED FROM"
+            assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+            names = {name_code(i): i for i in evaluation.ContentSequence if i.ValueType == "TEXT"}
+            assert names["112039"].TextValue == f"{codes_.display} (SOP ...{ds.SOPInstanceUID[-12:]})"
+            assert names["111001"].TextValue == REAL.name and names["111003"].TextValue == REAL.version
+            assert item(evaluation, "111030") == []
+            [tracking] = item(evaluation, "112040", "UIDREF")
         assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(finding.probability)
         unit = probability.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
         assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("1", "UCUM")
-        [threshold] = item(group, "122411", "NUM")
         assert float(threshold.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.5)
-        # OHIF (several releases) crashes on a NUM without children in a non-geometric group
-        assert "ContentSequence" in probability and "ContentSequence" in threshold
-
-        names = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence if i.ValueType == "TEXT"}
-        assert names["111001"].TextValue == REAL.name and names["111003"].TextValue == REAL.version
-        assert terms.finding(finding.label).display in names["112039"].TextValue
-
-        [tracking] = item(group, "112040", "UIDREF")
         assert tracking.UID == tracking_uid(ds.SOPInstanceUID, REAL.ref, finding.label)
-        tracking_uids.add(tracking.UID)
-
-        template = group.ContentTemplateSequence[0].TemplateIdentifier
-        if finding.positive:
-            assert template == "1410"
-            [region] = item(group, "111030", "SCOORD")
-            assert region.GraphicType == "POLYLINE"
-            assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
-        else:
-            assert template == "1501"
-            assert item(group, "111030") == []
-            [source] = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
-            assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
-    assert len(tracking_uids) == 14
+        tracking_uids_seen.add(tracking.UID)
+    assert len(tracking_uids_seen) == 14
 
 
-def test_positive_without_region_is_a_plain_group():
+def test_positive_without_region_is_a_qualitative_evaluation():
     ds = make_dx()
     result = make_result(ds, REAL, positives={"Mass": 0.9}, regions={"Mass": ()})
-    groups = groups_of(sr_of([(ds, result)], REAL, 1))
-    mass = groups[CHESTXRAY14.index("Mass")]
-    assert mass.ContentTemplateSequence[0].TemplateIdentifier == "1501"
-    assert item(mass, load_terminology().finding("Mass").dicom.code, "CODE")[0].ConceptCodeSequence[0].CodeValue == "52101004"
+    sr = sr_of([(ds, result)], REAL, 1)
+    assert groups_of(sr) == []
+    mass_code = load_terminology().finding("Mass").dicom.code
+    [mass] = [e for e in evaluations_of(sr) if e.ConceptNameCodeSequence[0].CodeValue == mass_code]
+    assert mass.ConceptCodeSequence[0].CodeValue == "52101004"  # Present
+
+
+def test_sr_without_regions_keeps_an_empty_imaging_measurements_container(tmp_path):
+    # Row 6 stays, without a Content Sequence (an empty one is a Type 1C error):
+    # OHIF and Cornerstone3D read it as "no measurements" and a missing one
+    # makes Cornerstone3D throw.
+    ds = make_dx()
+    sr = sr_of([(ds, make_result(ds, REAL, positives={}))], REAL, 1)
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    assert "ContentSequence" not in container
+    assert len(evaluations_of(sr)) == 14
+    path = write(sr, tmp_path / "normal.dcm")
+    assert_valid_dicom(path)
+    dsrdump_checked(path)
+
+
+@pytest.mark.parametrize(
+    "spacing, expected, unit",
+    [
+        ({"ImagerPixelSpacing": [0.2, 0.1]}, 11 * 7 * 0.2 * 0.1, "mm2"),
+        ({"PixelSpacing": [0.5, 0.5]}, 11 * 7 * 0.25, "mm2"),
+        ({}, 11 * 7, "{pixels}"),
+    ],
+)
+def test_region_area_is_the_outline_area(spacing, expected, unit):
+    ds = make_dx()
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        ds.pop(keyword, None)
+    for keyword, value in spacing.items():
+        setattr(ds, keyword, value)
+    box = box_region(4, 6, 11, 7)  # an 11 x 7 outline between pixel centres
+    result = make_result(ds, REAL, positives={"Nodule": 0.8}, regions={"Nodule": (box,)})
+    [group] = groups_of(sr_of([(ds, result)], REAL, 1))
+    [area] = item(group, "42798000", "NUM")
+    value = area.MeasuredValueSequence[0]
+    assert float(value.NumericValue) == pytest.approx(expected, abs=0.01)
+    assert value.MeasurementUnitsCodeSequence[0].CodeValue == unit
 
 
 # --- SCOORD geometry ----------------------------------------------------------------
@@ -322,14 +437,14 @@ def test_scoord_uses_pixel_corner_origin_and_stays_inside_the_image():
     # index-space polygon: pixel (0,0) centre at 0.0 -> DICOM 0.5; vertices
     # beyond the matrix are clipped to [0, Columns] x [0, Rows].
     region = Region(polygon=np.array([[0.0, 0.0], [9.0, 0.0], [12.0, 7.0], [0.0, 7.0]]), bbox=(0, 0, 10, 8), area_px=70)
-    points = scoord_polyline(region, rows=8, columns=10)
+    points = outline(region, rows=8, columns=10)
     assert points.dtype == np.float32
     assert points[0].tolist() == [0.5, 0.5]
     assert points[1].tolist() == [9.5, 0.5]
     assert points[2].tolist() == [10.0, 7.5]  # x clipped at Columns
     assert points[-1].tolist() == points[0].tolist()  # closed
     degenerate = Region(polygon=np.array([[3.0, 3.0], [3.0, 3.0]]), bbox=(3, 3, 4, 4), area_px=1)
-    assert scoord_polyline(degenerate, 8, 10).tolist() == [[3, 3], [4, 3], [4, 4], [3, 4], [3, 3]]
+    assert outline(degenerate, 8, 10).tolist() == [[3, 3], [4, 3], [4, 4], [3, 4], [3, 3]]
 
 
 def test_sr_scoords_lie_within_their_source_image():
@@ -337,8 +452,8 @@ def test_sr_scoords_lie_within_their_source_image():
     rows, cols = int(ds.Rows), int(ds.Columns)
     too_big = box_region(cols * 0.8, rows * 0.8, cols * 0.5, rows * 0.5)  # runs off the bottom-right
     result = make_result(ds, DEMO, positives={"Nodule": 0.6}, regions={"Nodule": (box_region(10, 10, 5, 5), too_big)})
-    [group] = [g for g in groups_of(sr_of([(ds, result)], DEMO, 1)) if item(g, "111030")]
-    [region] = item(group, "111030", "SCOORD")
+    [group] = groups_of(sr_of([(ds, result)], DEMO, 1))
+    region = region_of(group)
     points = np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2)
     assert (points[:, 0] >= 0).all() and (points[:, 0] <= cols).all()
     assert (points[:, 1] >= 0).all() and (points[:, 1] <= rows).all()
@@ -434,7 +549,8 @@ def test_rerun_supersedes_predecessor(tmp_path):
     assert "PredecessorDocumentsSequence" not in first
     assert_valid_dicom(path)
     # same image, same model: the findings keep their tracking UIDs across runs
-    assert [item(g, "112040")[0].UID for g in groups_of(first)] == [item(g, "112040")[0].UID for g in groups_of(second)]
+    assert len(tracking_uids(first)) == 14
+    assert tracking_uids(first) == tracking_uids(second)
 
 
 # --- demo caveat ---------------------------------------------------------------------
@@ -444,7 +560,7 @@ def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
     demo = sr_of([(ds, make_result(ds, DEMO))], DEMO, 1)
     dump = dsrdump_checked(write(demo, tmp_path / "demo.dcm"))
 
-    assert demo.SeriesDescription == f"Carina AI findings — {DEMO_WARNING}"
+    assert demo.SeriesDescription == f"Carina AI findings - {PLAIN_WARNING}"
     assert len(demo.SeriesDescription) <= 64
     assert "DEMO WEIGHTS" in dump  # series line and comments, as any SR viewer shows them
     comments = [
@@ -453,19 +569,43 @@ def test_demo_caveat_is_unmissable_in_the_sr(tmp_path):
         if i.ConceptNameCodeSequence[0].CodeValue == "121106"
     ]
     assert demo.ContentSequence[-1].ConceptNameCodeSequence[0].CodeValue == "C0034375"
-    assert any(DEMO_WARNING in c for c in comments)
+    # Content items carry the caveat in ASCII: dcmjs (OHIF) decodes nested
+    # text as Latin-1, so the em dash would come out garbled there.
+    assert PLAIN_WARNING == "DEMO WEIGHTS - NOT FOR CLINICAL USE"
+    assert any(PLAIN_WARNING in c for c in comments)
+    assert groups_of(demo)
     for group in groups_of(demo):
-        assert [i.TextValue for i in item(group, "121106", "TEXT")] == [DEMO_WARNING]
+        # after the label comment, which names the finding
+        assert [i.TextValue for i in item(group, "121106", "TEXT")][1:] == [PLAIN_WARNING]
 
     real = sr_of([(ds, make_result(ds, REAL))], REAL, 1)
     text = re.sub(r"\s+", " ", str(real))
     assert "DEMO" not in text
-    assert all(item(group, "121106") == [] for group in groups_of(real))
+    assert all(len(item(group, "121106")) == 1 for group in groups_of(real))
+
+
+def test_sr_declares_utf8_only_when_a_value_needs_it(tmp_path):
+    ascii_source = make_dx()
+    del ascii_source.SpecificCharacterSet
+    real = sr_of([(ascii_source, make_result(ascii_source, REAL))], REAL, 1)
+    assert "SpecificCharacterSet" not in real  # default repertoire: every value is ASCII
+    # the demo caveat is written in ASCII everywhere in the SR
+    demo = sr_of([(ascii_source, make_result(ascii_source, DEMO))], DEMO, 1)
+    assert "SpecificCharacterSet" not in demo
+    accented = make_dx(patient_name="Müller^Zoë")
+    named = sr_of([(accented, make_result(accented, REAL))], REAL, 1)
+    assert named.SpecificCharacterSet == "ISO_IR 192"
+    path = write(named, tmp_path / "named.dcm")
+    assert str(pydicom.dcmread(path).PatientName) == "Müller^Zoë"
+    for sr in (real, demo, named):
+        text = [e.value for e in sr.iterall() if e.VR in ("ST", "LT", "UT", "LO", "SH") and isinstance(e.value, str)]
+        assert all(v.isascii() for v in text)
+        assert_valid_dicom(write(sr, tmp_path / "sr.dcm"))
 
 
 def test_probability_is_written_tidily():
     ds = make_dx()
     result = make_result(ds, REAL, positives={"Edema": 0.12000000000000001})
-    [edema] = [g for g in groups_of(sr_of([(ds, result)], REAL, 1)) if item(g, "111030")]
+    [edema] = groups_of(sr_of([(ds, result)], REAL, 1))
     assert item(edema, "122157")[0].MeasuredValueSequence[0].NumericValue.original_string == "0.12"
     assert codes.DCM.Probability.value == "122157"

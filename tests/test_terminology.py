@@ -110,6 +110,19 @@ def test_fhir_only_codes_come_from_ps316():
         assert dcm[fhir[key].code] == fhir[key].display
 
 
+def test_seg_codes_come_from_their_ps316_context_groups():
+    """The SEG's segment category (CID 7150) and algorithm family (CID 7162),
+    as pydicom's copy of PS3.16 has them."""
+    from pydicom.sr.codedict import codes as ps316
+
+    seg = load_terminology().seg
+    for key, expected in (("category", ps316.cid7150.MorphologicallyAbnormalStructure),
+                          ("algorithm_family", ps316.cid7162.ArtificialIntelligence)):
+        code = seg[key].dicom()
+        assert (code.value, code.scheme_designator, code.meaning) == (expected.value, expected.scheme_designator, expected.meaning)
+        assert len(RAW["seg"][key]["source"]) > 20
+
+
 def test_hl7_v2_coding_system_names():
     terms = load_terminology()
     assert terms.finding("Effusion").snomed.v2() == ("60046008", "Pleural effusion", "SCT")
@@ -119,14 +132,20 @@ def test_hl7_v2_coding_system_names():
 # --- one map, three outputs: SR, FHIR and HL7 built from the same inputs agree ------------
 
 def _sr_groups(sr) -> dict[tuple[str, str], dict]:
-    """Per finding concept (code, scheme): the qualitative value and probability in the SR."""
+    """Per finding concept (code, scheme): the qualitative value and probability in the SR,
+    from a measurement group (findings with a region) or a report-level
+    qualitative evaluation (the rest)."""
     groups = {}
+
+    def probability(items) -> float:
+        [num] = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "122157"]
+        return float(num.MeasuredValueSequence[0].NumericValue)
 
     def walk(items):
         for item in items:
             name = item.ConceptNameCodeSequence[0] if "ConceptNameCodeSequence" in item else None
             if item.ValueType == "CONTAINER" and name is not None and name.CodeValue == "125007":
-                group = {}
+                group = {"probability": probability(item.ContentSequence)}
                 for child in item.ContentSequence:
                     child_name = child.ConceptNameCodeSequence[0]
                     if child.ValueType == "CODE" and child_name.CodeValue == "121071":  # Finding
@@ -135,9 +154,17 @@ def _sr_groups(sr) -> dict[tuple[str, str], dict]:
                     elif child.ValueType == "CODE":  # qualitative evaluation: name = finding concept
                         value = child.ConceptCodeSequence[0]
                         group["evaluation"] = (child_name.CodeValue, (value.CodeValue, value.CodingSchemeDesignator))
-                    elif child.ValueType == "NUM" and child_name.CodeValue == "122157":  # Probability
-                        group["probability"] = float(child.MeasuredValueSequence[0].NumericValue)
                 groups[group["finding"]] = group
+            elif item.ValueType == "CONTAINER" and name is not None and name.CodeValue == "C0034375":
+                for evaluation in item.ContentSequence:
+                    if evaluation.ValueType != "CODE":
+                        continue
+                    concept, value = evaluation.ConceptNameCodeSequence[0], evaluation.ConceptCodeSequence[0]
+                    groups[(concept.CodeValue, concept.CodingSchemeDesignator)] = {
+                        "finding": (concept.CodeValue, concept.CodingSchemeDesignator),
+                        "evaluation": (concept.CodeValue, (value.CodeValue, value.CodingSchemeDesignator)),
+                        "probability": probability(evaluation.ContentSequence),
+                    }
             elif "ContentSequence" in item:
                 walk(item.ContentSequence)
 

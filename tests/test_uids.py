@@ -28,3 +28,19 @@ def test_same_uid_in_another_process():
     code = "from node.outputs import uids; print(uids.device_uid('m', 'v', None))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == uids.device_uid("m", "v", None)
+
+
+def test_each_output_kind_has_its_own_uids():
+    """A SEG, a GSPS and an SC of the same image and model never share a UID,
+    and neither do their series."""
+    instances = {
+        uids.seg_instance_uid("1.2.3", "m@v"),
+        uids.gsps_instance_uid("1.2.3", "m@v"),
+        uids.sc_instance_uid("1.2.3", "m@v", "summary"),
+        uids.seg_instance_uid("1.2.3", "m@w"),
+        uids.gsps_instance_uid("1.2.4", "m@v"),
+    }
+    assert len(instances) == 5 and all(UID(u).is_valid and len(u) <= 64 for u in instances)
+    assert uids.seg_instance_uid("1.2.3", "m@v") == uids.seg_instance_uid("1.2.3", "m@v")
+    series = {uids.series_uid("1.9", "m@v", kind) for kind in ("sr", "sc", "seg", "gsps")}
+    assert len(series) == 4

@@ -1,4 +1,10 @@
-"""DICOM destinations: C-STORE a study version's SR and SCs into the PACS."""
+"""DICOM destinations: C-STORE a study version's outputs into the PACS.
+
+Every object the encode stage wrote for the version goes (the kinds
+`outputs.kinds` named then), the SR first; the association proposes each
+object's SOP class (SR, SC, SEG, GSPS), so a PACS that refuses one says so
+per class.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_scp.scu import SendError, send_files
+from dicom_scp.scu import SOP_CLASS_NOT_SUPPORTED, SendError, send_files
 from node.config import DicomDestination
 from node.context import NodeContext
 from node.db import Output, Study
@@ -19,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def _is_permanent(status: int) -> bool:
-    # 0xA9xx (does not match SOP class) and 0xCxxx (cannot understand) will
-    # not change on retry; 0xA7xx (out of resources) and the rest might.
-    return 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
+    # 0xA9xx (does not match SOP class), 0xCxxx (cannot understand) and a
+    # refused SOP class will not change on retry; 0xA7xx (out of resources)
+    # and the rest might.
+    return status == SOP_CLASS_NOT_SUPPORTED or 0xA900 <= status <= 0xA9FF or 0xC000 <= status <= 0xCFFF
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class DicomDelivery:
     destination: DicomDestination
     study_uid: str
     version: int
-    paths: tuple[Path, ...]  # the SR first, then the SCs
+    paths: tuple[Path, ...]  # the SR first, then the other objects in encode order
 
 
 def load(ctx: NodeContext, session: Session, study: Study, destination: DicomDestination) -> DicomDelivery:
@@ -61,6 +68,9 @@ def send(ctx: NodeContext, work: DicomDelivery) -> None:
     if failed:
         detail = ", ".join(f"{uid}=0x{status:04X}" for uid, status in sorted(failed.items()))
         if all(_is_permanent(st) for st in failed.values()):
-            raise PermanentError(f"{destination.name} refused: {detail}")
+            hint = ""
+            if SOP_CLASS_NOT_SUPPORTED in failed.values():
+                hint = " (a SOP class the PACS does not accept: drop its kind from outputs.kinds)"
+            raise PermanentError(f"{destination.name} refused: {detail}{hint}")
         raise RetryableError(f"{destination.name} did not store: {detail}")
     log.info("delivered %d objects to %s (study %s v%d)", len(paths), destination.name, work.study_uid, work.version)

@@ -17,6 +17,7 @@ from pydicom.valuerep import DT
 
 from inference.types import ModelInfo
 from node.outputs import uids
+from node.outputs.text import plain
 
 MANUFACTURER = "Carina"
 DEVICE_NAME = "Carina"
@@ -52,7 +53,8 @@ def algorithm_equipment(
         item.ContributionDateTime = DT(contributed_at)
     description = "AI inference (chest X-ray findings)"
     if model.caveat:
-        description += f" - {model.caveat}"
+        # Nested text: ASCII, so dcmjs (OHIF) reads it as written (node/outputs/text.py).
+        description += f" - {plain(model.caveat)}"
     item.ContributionDescription = description
     return item
 
@@ -88,9 +90,17 @@ def series_description(base: str, model: ModelInfo, detail: str = "") -> str:
     """`base` + `detail`, or `base` + the demo caveat, within the LO limit of 64.
 
     The caveat wins over `detail` and, if need be, over the end of `base`:
-    it is the one part a reader must not miss.
+    it is the one part a reader must not miss. It is written in ASCII
+    ("DEMO WEIGHTS - NOT FOR CLINICAL USE"), which every PACS and toolkit
+    shows as written (node/outputs/text.py); the limit is counted in UTF-8
+    bytes, as dciodvfy counts it.
     """
     if not model.caveat:
-        return f"{base}{detail}"[:64]
-    tail = f" — {model.caveat}"
-    return base[: 64 - len(tail)] + tail
+        return _fit(f"{base}{detail}", 64)
+    tail = f" - {plain(model.caveat)}"
+    return _fit(base, 64 - len(tail.encode())) + tail
+
+
+def _fit(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose UTF-8 encoding is at most `limit` bytes."""
+    return text.encode()[:limit].decode(errors="ignore")

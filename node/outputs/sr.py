@@ -1,20 +1,40 @@
 """The study's AI findings as a DICOM Comprehensive 3D SR, TID 1500 Measurement Report.
 
-One SR per study. For every scored image and every ChestX-ray14 label there is
-one measurement group carrying:
+One SR per study. Every scored image's 14 ChestX-ray14 findings are in it,
+each with a deterministic Tracking Unique Identifier, its concept from
+fhir/terminology.json, Present/Absent (SCT, from the terminology), the
+model's Probability (DCM 122157) and the Threshold Value (DCM 122411) the
+verdict used, both UCUM "1", and the algorithm (TID 4019). Where a finding
+sits depends on whether it has an image region, because OHIF 3.13 and
+Cornerstone3D read the two places differently (checked by running their code,
+tests/js/ohif_sr_check.mjs):
 
-- Tracking Identifier + Tracking Unique Identifier (deterministic),
-- TID 4019 Algorithm Identification (model name and version),
-- Finding (DCM 121071) = the label's concept from fhir/terminology.json,
-- a qualitative evaluation whose concept name is that same finding concept and
-  whose value is Present/Absent (SCT, from the terminology),
-- NUM Probability (DCM 122157), the model's sigmoid output, unit UCUM "1",
-- NUM Threshold Value (DCM 122411), the operating point the verdict used,
-  also UCUM "1", so a reader can see how close to the cut-off the case is.
+- A positive finding with a hot region is a TID 1501 Measurement Group under
+  Imaging Measurements: Finding, algorithm, then NUM Area (SCT 42798000) of
+  the region INFERRED FROM its SCOORD POLYLINE (SELECTED FROM the source
+  image), NUM Probability and Threshold Value, the Present evaluation, and a
+  Comment naming the finding. OHIF turns every group into a measurement and
+  its load() throws on a group without coordinates; a group with a SCOORD at
+  its top level is labelled only from its NUMs; one whose SCOORD hangs under
+  a NUM is labelled with its Comments first. Cornerstone3D's
+  MeasurementReport.generateToolState takes the SCOORD from the group's
+  first NUM (hence Area first: the value it reads as the contour's area) and
+  picks its tool adapter by the Tracking Identifier, so that starts with
+  Cornerstone's PlanarFreehandROI identifier; the label is the first Comment.
+- Every other finding (all negatives, and positives without a region) is a
+  TID 1500 row 13 qualitative evaluation in the report's Qualitative
+  Evaluations container: CODE finding = Present/Absent, with its tracking
+  identifiers, algorithm, Probability and Threshold Value and the source
+  image as children. Neither viewer reads that container, so neither breaks.
+  With no region at all, Imaging Measurements stays as an empty container
+  (dcmtk's TID 1500 writer does the same), which both readers accept.
 
-Positive findings with a hot region are TID 1410 planar ROI groups with an
-Image Region SCOORD POLYLINE (that is what OHIF draws); every other group is a
-TID 1501 group naming its source image.
+Each source image's Image Library entry names the GSPS that outlines its
+findings, when one was written (`presentation_states`), and the evidence
+lists it. Text in the content tree is ASCII (the demo caveat with a hyphen),
+because dcmjs, which OHIF reads files with, decodes nested text as Latin-1;
+Specific Character Set is declared only when a value needs it (e.g. a
+patient name), see node/outputs/text.py.
 
 Why the root concept is not LOINC 18748-4 by default: OHIF opens a TID 1500 SR
 only when the root concept is (126000, DCM, "Imaging Measurement Report") and
@@ -33,20 +53,19 @@ from highdicom.sr import (
     CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     GraphicTypeValues,
     ImageContentItem,
-    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
-    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     RelationshipTypeValues,
-    SourceImageForMeasurementGroup,
+    SourceImageForMeasurement,
     SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
@@ -59,7 +78,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, validate_value
 
-from inference.types import Finding, ModelInfo, Region
+from inference.types import Finding, ModelInfo
 from node.outputs import uids
 from node.outputs.equipment import (
     DEVICE_NAME,
@@ -68,6 +87,8 @@ from node.outputs.equipment import (
     device_uid,
     series_description,
 )
+from node.outputs.regions import drawable, largest, outline
+from node.outputs.text import UTF8, declare_character_set, plain_caveat
 from node.scored_study import ScoredStudy
 from node.terminology import Terminology, load_terminology, procedure_coding
 
@@ -78,6 +99,11 @@ IMAGING_MEASUREMENT_REPORT = codes.DCM.ImagingMeasurementReport
 # TID 1500 row 12 container for report-level text; dcmtk's TID 1500 uses the same code.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 UNITLESS = codes.UCUM.NoUnits  # probabilities and thresholds are fractions 0..1
+PIXELS = CodedConcept("{pixels}", "UCUM", "Pixels")
+# Cornerstone3D's SR adapters pick the tool that hydrates a measurement group
+# by its Tracking Identifier (a prefix match); this one reads a closed
+# POLYLINE as a freehand contour. The finding follows it for people.
+CORNERSTONE_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
@@ -90,12 +116,16 @@ def build_sr(
     manufacturer: str = MANUFACTURER,
     series_number: int = SR_SERIES_NUMBER,
     title: Code | None = None,
+    presentation_states: Mapping[str, Dataset] | None = None,
 ) -> Comprehensive3DSR:
     """TID 1500 SR over all scored images of one study version.
 
     `headers` are the scored images' source headers by SOP Instance UID
     (pixels are not needed); `predecessors` the SRs this one supersedes
-    (PS3.3 C.17.2.1 Predecessor Documents Sequence). Content and Instance
+    (PS3.3 C.17.2.1 Predecessor Documents Sequence); `presentation_states`
+    the GSPS written for a source image, by its SOP Instance UID: its Image
+    Library entry references it (the Image Reference Macro's Referenced SOP
+    Sequence, PS3.3 C.18.4) and the evidence lists it. Content and Instance
     Creation date/time are the study's issue time, and everything else
     depends only on the inputs, so a re-run produces identical bytes.
     """
@@ -110,28 +140,33 @@ def build_sr(
     source_uids = [str(ds.SOPInstanceUID) for ds in headers]
 
     algorithm = AlgorithmIdentification(name=model.name, version=model.version)
-    groups = [
-        _finding_group(header, finding, model, algorithm, terms)
-        for header, image in zip(headers, study.images)
-        for finding in image.findings
-    ]
-    report = MeasurementReport(
+    findings = [(header, finding) for header, image in zip(headers, study.images) for finding in image.findings]
+    report = _measurement_report(
         observation_context=_observation_context(model, manufacturer),
         procedure_reported=procedure_coding(
             terms, [str(h.get("ViewPosition", "") or h.SOPInstanceUID) for h in headers]
         ).dicom(),
-        imaging_measurements=groups,
+        imaging_measurements=[
+            _region_group(header, finding, model, algorithm, terms)
+            for header, finding in findings
+            if drawable(finding)
+        ],
         title=title or IMAGING_MEASUREMENT_REPORT,
     )
     root_items = report[0].ContentSequence
     # highdicom's own library splits images into one group per modality, but
     # OHIF reads only the first group; ours keeps them together (and does
     # not crash on CR/DX headers without orientation or imager spacing).
-    root_items.insert(len(root_items) - 1, _image_library(headers))
-    root_items.append(_report_comments(model))
+    states = dict(presentation_states or {})
+    root_items.insert(len(root_items) - 1, _image_library(headers, states))
+    evaluations = [
+        _evaluation(header, finding, model, algorithm, terms) for header, finding in findings if not drawable(finding)
+    ]
+    root_items.append(_qualitative_evaluations(model, evaluations))
 
     sr = Comprehensive3DSR(
-        evidence=headers,
+        # The sources first: highdicom takes the patient and study from evidence[0].
+        evidence=[*headers, *(states[uid] for uid in source_uids if uid in states)],
         content=report,
         series_instance_uid=uids.series_uid(study_uid, model.ref, "sr"),
         series_number=series_number,
@@ -147,36 +182,16 @@ def build_sr(
         software_versions=model.version[:64],
         content_date=DA(created.date()),
         content_time=TM(created.time()),
-        specific_character_set="ISO_IR 192",  # the caveat's em dash is not Latin-1
+        specific_character_set=UTF8,  # narrowed to what the values need below
     )
     sr.InstanceCreationDate = DA(created.date())
     sr.InstanceCreationTime = TM(created.time())
     sr.ContributingEquipmentSequence = contributing_equipment(
         headers, model, manufacturer=manufacturer, contributed_at=created
     )
-    _drop_invalid_optional_patient_study(sr)
+    drop_invalid_optional_patient_study(sr)
+    declare_character_set(sr)
     return sr
-
-
-def scoord_polyline(region: Region, rows: int, columns: int) -> np.ndarray:
-    """Closed SCOORD POLYLINE (column, row) for `region` in DICOM image coordinates.
-
-    PS3.3 C.18.6.1.1: (0.0, 0.0) is the top-left *corner* of the top-left
-    pixel and pixel centres lie at half-integers. `Region.polygon` is in array
-    index space (pixel centre at integers, as skimage contours produce), so
-    each vertex moves by +0.5. Clipped to [0, columns] x [0, rows].
-    A degenerate outline falls back to the bounding box, whose
-    inclusive-exclusive integer edges are already pixel-corner positions.
-    """
-    points = np.asarray(region.polygon, dtype=np.float64).reshape(-1, 2) + 0.5
-    if len(np.unique(np.round(points, 3), axis=0)) < 3:
-        x1, y1, x2, y2 = region.bbox
-        points = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)
-    points[:, 0] = np.clip(points[:, 0], 0.0, float(columns))
-    points[:, 1] = np.clip(points[:, 1], 0.0, float(rows))
-    if not np.array_equal(points[0], points[-1]):
-        points = np.vstack([points, points[:1]])
-    return points.astype(np.float32)
 
 
 def tracking_uid(source_sop_uid: str, model_ref: str, label: str) -> str:
@@ -235,54 +250,121 @@ def _observation_context(model: ModelInfo, manufacturer: str) -> ObservationCont
     return ObservationContext(observer_device_context=ObserverContext(codes.DCM.Device, device))
 
 
-def _finding_group(
+def _measurement_report(imaging_measurements: list, **kwargs) -> MeasurementReport:
+    """TID 1500 root; Imaging Measurements stays (empty) when nothing is drawable.
+
+    highdicom insists on at least one group, so the empty case is built with
+    a placeholder group that is then removed, leaving a container without a
+    Content Sequence (an empty one is a Type 1C error). That is what dcmtk's
+    own TID 1500 writer leaves when only qualitative evaluations exist, and
+    OHIF and Cornerstone3D read it as "no measurements"; Cornerstone3D throws
+    when the container is missing altogether. (highdicom's reader, in turn,
+    raises on such a container when asked for its groups.)
+    """
+    if imaging_measurements:
+        return MeasurementReport(imaging_measurements=imaging_measurements, **kwargs)
+    placeholder = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=uids.derived_uid("sr-placeholder"), identifier="removed")
+    )
+    report = MeasurementReport(imaging_measurements=[placeholder], **kwargs)
+    [container] = [i for i in report[0].ContentSequence if i.name == codes.DCM.ImagingMeasurements]
+    del container.ContentSequence
+    return report
+
+
+def _tracking_text(display: str, sop_uid: str) -> str:
+    return f"{display} (SOP ...{sop_uid[-12:]})"
+
+
+def _region_group(
     header: Dataset,
     finding: Finding,
     model: ModelInfo,
     algorithm: AlgorithmIdentification,
     terms: Terminology,
-) -> PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations:
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of a drawable finding, shaped for OHIF and Cornerstone3D (module docstring)."""
     codes_ = terms.finding(finding.label)
     concept = codes_.dicom.dicom()
     sop_uid = str(header.SOPInstanceUID)
-    common = dict(
+    # One region per finding: the largest stands for it (the SC heatmap
+    # outlines all of them).
+    points = outline(largest(finding), int(header.Rows), int(header.Columns))
+    area, area_unit = _outline_area(points, header)
+    group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=tracking_uid(sop_uid, model.ref, finding.label),
-            identifier=f"{codes_.display} (SOP ...{sop_uid[-12:]})",
+            identifier=f"{CORNERSTONE_FREEHAND_ROI}:{_tracking_text(codes_.display, sop_uid)}",
         ),
         finding_type=concept,
         algorithm_id=algorithm,
-        qualitative_evaluations=[
-            QualitativeEvaluation(concept, terms.sr["present" if finding.positive else "absent"].dicom())
-        ],
-        # Each NUM carries the algorithm too: besides being valid TID 300,
-        # it gives the NUM a ContentSequence, without which several OHIF
-        # releases crash on non-geometric groups.
         measurements=[
-            Measurement(codes.DCM.Probability, _fraction(finding.probability), UNITLESS, algorithm_id=algorithm),
-            Measurement(codes.DCM.ThresholdValue, _fraction(finding.threshold), UNITLESS, algorithm_id=algorithm),
-        ],
-    )
-    if finding.positive and finding.regions:
-        # TID 1410 holds one region; the largest one stands for the finding
-        # (the SC heatmap outlines all of them).
-        region = max(finding.regions, key=lambda r: r.area_px)
-        group = PlanarROIMeasurementsAndQualitativeEvaluations(
-            referenced_region=ImageRegion(
-                graphic_type=GraphicTypeValues.POLYLINE,
-                graphic_data=scoord_polyline(region, int(header.Rows), int(header.Columns)),
-                source_image=SourceImageForRegion.from_source_image(header),
+            Measurement(
+                codes.SCT.Area,
+                area,
+                area_unit,
+                referenced_coordinates=[
+                    CoordinatesForMeasurement(
+                        graphic_type=GraphicTypeValues.POLYLINE,
+                        graphic_data=points,
+                        source_image=SourceImageForRegion.from_source_image(header),
+                        purpose=codes.DCM.ImageRegion,
+                    )
+                ],
             ),
-            **common,
-        )
-    else:
-        group = MeasurementsAndQualitativeEvaluations(
-            source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
-            **common,
-        )
+            # No children: OHIF labels a NUM only if it has none or has the SCOORD.
+            Measurement(codes.DCM.Probability, _fraction(finding.probability), UNITLESS),
+            Measurement(codes.DCM.ThresholdValue, _fraction(finding.threshold), UNITLESS),
+        ],
+        qualitative_evaluations=[QualitativeEvaluation(concept, terms.sr["present"].dicom())],
+    )
+    # The first Comment is the label both viewers show for the region.
+    group[0].ContentSequence.append(_comment(codes_.display))
     if model.caveat:
-        group[0].ContentSequence.append(_comment(model.caveat))
+        group[0].ContentSequence.append(_comment(plain_caveat(model)))
     return group
+
+
+def _outline_area(outline: np.ndarray, header: Dataset) -> tuple[float, Code | CodedConcept]:
+    """Area enclosed by the closed outline (shoelace), in mm² when the header
+    gives a pixel spacing (ImagerPixelSpacing, else PixelSpacing), else in pixels."""
+    x, y = outline[:, 0].astype(np.float64), outline[:, 1].astype(np.float64)
+    pixels = abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
+    spacing = header.get("ImagerPixelSpacing") or header.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2:
+        return round(pixels * float(spacing[0]) * float(spacing[1]), 2), codes.UCUM.SquareMillimeter
+    return round(pixels, 2), PIXELS
+
+
+def _evaluation(
+    header: Dataset,
+    finding: Finding,
+    model: ModelInfo,
+    algorithm: AlgorithmIdentification,
+    terms: Terminology,
+) -> CodeContentItem:
+    """TID 1500 row 13 evaluation of a finding without a region (TID 1500 is
+    extensible; the children carry what the group would have)."""
+    codes_ = terms.finding(finding.label)
+    sop_uid = str(header.SOPInstanceUID)
+    evaluation = CodeContentItem(
+        name=codes_.dicom.dicom(),
+        value=terms.sr["present" if finding.positive else "absent"].dicom(),
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    tracking = TrackingIdentifier(
+        uid=tracking_uid(sop_uid, model.ref, finding.label),
+        identifier=_tracking_text(codes_.display, sop_uid),
+    )
+    properties = RelationshipTypeValues.HAS_PROPERTIES
+    evaluation.ContentSequence = [
+        *tracking,
+        *algorithm,
+        NumContentItem(codes.DCM.Probability, _fraction(finding.probability), UNITLESS, relationship_type=properties),
+        NumContentItem(codes.DCM.ThresholdValue, _fraction(finding.threshold), UNITLESS, relationship_type=properties),
+        SourceImageForMeasurement.from_source_image(header),
+    ]
+    return evaluation
 
 
 def _fraction(value: float) -> float:
@@ -295,26 +377,28 @@ def _comment(text: str) -> TextContentItem:
     return TextContentItem(name=codes.DCM.Comment, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
 
 
-def _report_comments(model: ModelInfo) -> ContainerContentItem:
-    """TID 1500 row 12: report-level text a reader sees whatever the viewer."""
+def _qualitative_evaluations(model: ModelInfo, evaluations: list[CodeContentItem]) -> ContainerContentItem:
+    """TID 1500 rows 12-14: the evaluations of findings without a region, then
+    report-level text a reader sees whatever the viewer."""
     container = ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
     notes = []
     if model.caveat:
-        notes.append(_comment(f"{model.caveat}. These results come from demonstration weights."))
+        notes.append(_comment(f"{plain_caveat(model)}. These results come from demonstration weights."))
     notes.append(
         _comment(
             f"AI-generated by Carina (model {model.name}, version {model.version}); "
             "not reviewed by a radiologist. Probabilities are model outputs, not calibrated risks."
         )
     )
-    container.ContentSequence = notes
+    container.ContentSequence = [*evaluations, *notes]
     return container
 
 
-def _image_library(headers: list[Dataset]) -> ContainerContentItem:
-    """TID 1600 Image Library, one group holding every source image."""
+def _image_library(headers: list[Dataset], presentation_states: Mapping[str, Dataset]) -> ContainerContentItem:
+    """TID 1600 Image Library, one group holding every source image, each
+    naming the presentation state (GSPS) that draws the AI's outlines on it."""
     entries = []
     for header in headers:
         entry = ImageContentItem(
@@ -323,6 +407,12 @@ def _image_library(headers: list[Dataset]) -> ContainerContentItem:
             referenced_sop_instance_uid=header.SOPInstanceUID,
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
+        state = presentation_states.get(str(header.SOPInstanceUID))
+        if state is not None:
+            reference = Dataset()
+            reference.ReferencedSOPClassUID = state.SOPClassUID
+            reference.ReferencedSOPInstanceUID = state.SOPInstanceUID
+            entry.ReferencedSOPSequence[0].ReferencedSOPSequence = [reference]
         entry.ContentSequence = _library_descriptors(header)
         entries.append(entry)
     group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS)
@@ -372,21 +462,22 @@ def _modality_code(modality: str) -> Code | None:
     return None
 
 
-def _drop_invalid_optional_patient_study(sr: Dataset) -> None:
+def drop_invalid_optional_patient_study(obj: Dataset) -> None:
     """Remove Type 3 patient/study attributes whose copied value is invalid.
 
     highdicom copies the whole Patient and Patient Study modules from the
-    first source. Modalities do send malformed optional values (e.g. Patient's
-    Age "62" instead of "062Y"); passing one on would make our SR fail
-    validation for data we did not produce. Type 1/2 values are left alone.
+    first source into the SR, SEG and GSPS. Modalities do send malformed
+    optional values (e.g. Patient's Age "62" instead of "062Y"); passing one
+    on would make our object fail validation for data we did not produce.
+    Type 1/2 values are left alone.
     """
     module_map = get_module_attribute_map()
     for module in ("patient", "patient-study", "general-study", "clinical-trial-subject", "clinical-trial-study"):
         for attribute in module_map.get(module, []):
             keyword = attribute["keyword"]
-            if attribute["path"] or attribute["type"] != "3" or keyword not in sr:
+            if attribute["path"] or attribute["type"] != "3" or keyword not in obj:
                 continue
-            element = sr[keyword]
+            element = obj[keyword]
             if element.VR == "SQ" or element.value is None:
                 continue
             values = element.value if element.VM > 1 else [element.value]
@@ -394,4 +485,4 @@ def _drop_invalid_optional_patient_study(sr: Dataset) -> None:
                 for value in values:
                     validate_value(element.VR, value, pydicom_config.RAISE)
             except ValueError:
-                del sr[keyword]
+                del obj[keyword]

@@ -34,10 +34,20 @@ def sr_instance_uid(source_sop_uids: list[str], model_ref: str, study_version: i
 
 
 def series_uid(study_uid: str, model_ref: str, kind: str) -> str:
-    """One SR series and one SC series per study and model version."""
+    """One series per output kind (sr, sc, seg, gsps), study and model version."""
     return derived_uid("series", study_uid, model_ref, kind)
 
 
 def device_uid(model_name: str, model_version: str, weights_sha256: str | None) -> str:
     """IHE AIR: a new Device UID whenever the model changes."""
     return derived_uid("device", model_name, model_version, weights_sha256 or "demo")
+
+
+def seg_instance_uid(source_sop_uid: str, model_ref: str) -> str:
+    """One SEG per scored image and model (like its SCs: same findings, same object)."""
+    return derived_uid("seg", source_sop_uid, model_ref)
+
+
+def gsps_instance_uid(source_sop_uid: str, model_ref: str) -> str:
+    """One GSPS per scored image and model."""
+    return derived_uid("gsps", source_sop_uid, model_ref)

@@ -1,4 +1,7 @@
-"""Stage 2: render a scored study as DICOM objects (SR + heatmap SCs) and FHIR resources.
+"""Stage 2: render a scored study as DICOM objects and FHIR resources.
+
+The DICOM objects are the kinds `outputs.kinds` names: the TID 1500 SR
+(always), heatmap SCs, a SEG and a GSPS per image with a drawn finding.
 
 EncodeWork (the ScoredStudy and the files it refers to) -> Encoded (the
 objects written durably, the FHIR resources). UIDs, ids and creation times
@@ -26,7 +29,9 @@ from node.db import Instance, Job, Output, Study
 from node.fhir_store import save_resources
 from node.jobs import enqueue
 from node.outputs.fhir_report import build_report_resources
+from node.outputs.gsps import build_presentation_state
 from node.outputs.sc import build_heatmap_captures, display_rendition
+from node.outputs.seg import build_segmentation
 from node.outputs.sr import build_sr
 from node.pipeline import conclude
 from node.scored_study import ScoredStudy
@@ -87,17 +92,31 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> EncodeWo
 
 def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
     scored = work.scored
+    kinds = set(ctx.settings.outputs.kinds)
     headers = {uid: dcmread(path, stop_before_pixels=True) for uid, path in work.sources.items()}
     predecessors = [dcmread(p, stop_before_pixels=True) for p in work.predecessor_srs if p.exists()]
 
-    objects: list[tuple[OutputKind, Dataset]] = [(OutputKind.SR, build_sr(scored, headers, predecessors or None))]
+    # Per source image: its GSPS and SEG (when it has a drawn finding), its SCs.
+    # The GSPS come first because the SR references them.
+    states: dict[str, Dataset] = {}
+    per_image: list[tuple[OutputKind, Dataset]] = []
     for index, image in enumerate(scored.images):
         uid = image.sop_instance_uid
-        captures = build_heatmap_captures(
-            headers[uid], image, _display(work, uid), scored,
-            first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
-        )
-        objects.extend((OutputKind.SC, sc) for sc in captures)
+        if OutputKind.GSPS in kinds and (gsps := build_presentation_state(headers[uid], image, scored,
+                                                                         instance_number=index + 1)):
+            states[uid] = gsps
+            per_image.append((OutputKind.GSPS, gsps))
+        if OutputKind.SEG in kinds and (seg := build_segmentation(headers[uid], image, scored,
+                                                                  instance_number=index + 1)):
+            per_image.append((OutputKind.SEG, seg))
+        if OutputKind.SC in kinds:
+            captures = build_heatmap_captures(
+                headers[uid], image, _display(work, uid), scored,
+                first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
+            )
+            per_image.extend((OutputKind.SC, sc) for sc in captures)
+    sr = build_sr(scored, headers, predecessors or None, presentation_states=states)
+    objects: list[tuple[OutputKind, Dataset]] = [(OutputKind.SR, sr), *per_image]
 
     written = []
     for kind, obj in objects:
