@@ -235,8 +235,9 @@ class Killer(threading.Thread):
             if target in self.jobs_running_in(node.proc.pid):
                 return "running"
             left = carina_db_rows(node, "SELECT id FROM jobs WHERE stage = ? AND state IN ('pending', 'running') LIMIT 1", (target,))
-            if left or not self.pusher.idle():
-                return False
+            in_flight = carina_db_rows(node, "SELECT id FROM studies WHERE state IN ('received', 'processing') LIMIT 1")
+            if left or in_flight or not self.pusher.idle():
+                return False  # a job of this stage is queued or will be
             # The pipeline drained: a new study will bring a job of this stage.
             return False if self.pusher.feed() else "none left"
 
