@@ -93,13 +93,21 @@ class _PduLimit:
             pdu_type, self._pdu_type = self._pdu_type, None
             limit = self._max_pdu if pdu_type == P_DATA_TF else OTHER_PDU_LIMIT
             if nr_bytes > limit:
+                reason = f"a {nr_bytes}-byte PDU of type 0x{pdu_type:02X}; the limit is {limit}"
+                log.warning("aborting the association from %s: %s", self._peer(), reason)
                 self._abort()
-                raise PduTooLarge(f"peer sent a {nr_bytes}-byte PDU of type 0x{pdu_type:02X}; the limit is {limit}")
+                raise PduTooLarge(f"peer sent {reason}")
             return self._recv(nr_bytes)
         data = self._recv(nr_bytes)
         if nr_bytes == 6 and len(data) == 6:
             self._pdu_type = data[0]
         return data
+
+    def _peer(self) -> str:
+        try:
+            return str(self._sock.socket.getpeername()[0])
+        except (AttributeError, OSError):
+            return "?"
 
     def _abort(self) -> None:
         # Runs on the DUL thread, the only writer of this socket.
@@ -209,7 +217,10 @@ class _AdmittingHandler(RequestHandler):
     @staticmethod
     def _report_end(assoc: "Association", admission: Admission, tls: bool) -> None:
         if assoc.is_rejected:
-            admission.report(_event(assoc, "rejected", tls, _reject_reason(assoc)))
+            event = _event(assoc, "rejected", tls, _reject_reason(assoc))
+            if not getattr(assoc.acse, "reject_reason", ""):  # pynetdicom's own (e.g. too many associations)
+                log.warning("association from %s at %s rejected: %s", event.calling_ae, event.peer_address, event.reason)
+            admission.report(event)
         elif getattr(assoc.acse, "was_accepted", False):
             studies = admission.studies_of(assoc)
             if assoc.is_released:

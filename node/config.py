@@ -56,6 +56,13 @@ class DicomPeer(_Strict):
         value = value.strip()
         if not value or any(c.isspace() for c in value):
             raise ValueError("an address, a CIDR network or a hostname")
+        if "/" in value:
+            import ipaddress
+
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR network: {exc}") from None
         return value
 
 

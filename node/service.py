@@ -97,15 +97,14 @@ def tls_listener(settings: Settings) -> TlsListener | None:
 
 
 def log_association(event: AssociationEvent) -> None:
-    """One line per association end (AE titles, addresses and UIDs only, never PHI)."""
-    if event.kind == "accepted":
+    """Logs the associations that ended without a release (AE title, address and
+    a count, never PHI). Rejections are logged by dicom_scp, releases that
+    brought studies by node/receiver.py `record_release`."""
+    if event.kind != "aborted":
         return
     how = " over TLS" if event.tls else ""
-    detail = f": {event.reason}" if event.reason else ""
-    studies = f" with {len(event.study_uids)} study(ies)" if event.study_uids else ""
-    level = logging.WARNING if event.kind == "rejected" else logging.INFO
-    log.log(level, "association from %r at %s:%d%s %s%s%s", event.calling_ae, event.peer_address,
-            event.peer_port, how, event.kind, studies, detail)
+    log.warning("association from %s at %s:%d%s ended without release after %d study(ies): %s", event.calling_ae,
+                event.peer_address, event.peer_port, how, len(event.study_uids), event.reason)
 
 
 class Node:

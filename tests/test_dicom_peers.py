@@ -135,8 +135,9 @@ def test_unknown_or_misplaced_callers_get_a_rejection_from_a_real_node(tmp_path)
         assert assoc.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
 
         log = node.log_text()
-        assert "association from 'STRANGER' at 127.0.0.1" in log and "unknown AE title" in log
-        assert "association from 'FARAWAY' at 127.0.0.1" in log and "not allowed from this address" in log
+        assert "association from STRANGER at 127.0.0.1 rejected: calling AE title not recognised: unknown AE title" in log
+        assert "association from FARAWAY at 127.0.0.1 rejected: calling AE title not recognised: not allowed from this address" in log
+        assert "association from MODALITY released after 1 study(ies)" in log
         print(f"echoscu as STRANGER: {outcomes['STRANGER']}")
     finally:
         node.stop()
