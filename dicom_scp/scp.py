@@ -7,12 +7,17 @@ the protocol needs, and passes the instance to the `accept` callback (the
 node's receiver), which stores it durably and commits its row. Decoding,
 routing and inference happen later in the pipeline.
 
+Who may connect, the TLS listener, the PDU cap and the association events are
+the listeners' business (dicom_scp/listener.py); both listeners share this
+SCP's acceptor, peer policy and limits.
+
 Status codes the C-STORE handler answers (PS3.4 Annex B.2.3):
 - 0x0000 success: the acceptor returned, so the instance is durable and recorded;
 - 0xA700 out of resources: the acceptor refused (disk floor) or failed (database);
 - 0xA900 dataset does not match SOP class: the header's SOP Class/Instance UIDs
   differ from the request's;
-- 0xC000 cannot understand: unreadable dataset, or a UID longer than 64 characters;
+- 0xC000 cannot understand: unreadable dataset, a UID longer than 64 characters,
+  or a Deflated dataset that inflates beyond `max_inflated_bytes`;
 - 0xC210 (cannot understand, missing attribute): no StudyInstanceUID.
 """
 from __future__ import annotations
@@ -23,19 +28,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES, decodable_transfer_syntaxes, other_storage_classes
+from dicom_scp.events import AssociationCallback, EventDispatcher
+from dicom_scp.listener import Admission, AdmittingServer, start_listener
+from dicom_scp.peers import PeerPolicy
 from dicom_scp.sockets import NODELAY_HANDLER
+from dicom_scp.tls import TlsListener
+from inference.dicom_file import DEFAULT_MAX_INFLATED_BYTES, InflateLimitExceeded, read_header
 
 log = logging.getLogger(__name__)
 
 # Stream each incoming dataset to a temp file instead of RAM: a 1 GB instance
 # (or ten concurrent 100 MB ones) must not exhaust memory.
 _config.STORE_RECV_CHUNKED_DATASET = True
+
+# The largest P-DATA-TF PDU we accept (and advertise); a peer's dataset arrives
+# in pieces of at most this size, each streamed to disk.
+DEFAULT_MAX_PDU_BYTES = 256 * 1024
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -81,12 +94,14 @@ class Refusal(Exception):
         self.comment = comment
 
 
-def _header_fields(path: Path) -> dict[str, str]:
+def _header_fields(path: Path, max_inflated_bytes: int) -> dict[str, str]:
     """The few header values the receiver records, as stripped text.
 
+    A Deflated dataset is inflated in chunks up to `max_inflated_bytes`
+    (InflateLimitExceeded beyond); nothing else is inflated or decoded.
     pydicom converts values lazily, so a malformed value raises here, inside
     the caller's try, rather than later."""
-    header = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    header = read_header(path, _HEADER_TAGS, max_inflated_bytes=max_inflated_bytes)
     fields = {}
     for keyword in _HEADER_TAGS[1:]:
         value = header.get(keyword, "")
@@ -102,6 +117,13 @@ def _status(status: int, comment: str) -> Dataset:
 
 
 class StorageSCP:
+    """The C-STORE/C-ECHO service on a plain listener and, optionally, a TLS one.
+
+    `peers` decides who may associate (see dicom_scp/peers.py);
+    `on_association` receives one AssociationEvent when each association's
+    negotiation ends and one when an accepted association ends, on its own
+    thread (dicom_scp/events.py)."""
+
     def __init__(
         self,
         *,
@@ -109,26 +131,36 @@ class StorageSCP:
         host: str,
         port: int,
         accept: InstanceAcceptor,
+        peers: PeerPolicy,
         max_associations: int = 10,
-        allowed_calling_aets: list[str] | None = None,
+        max_pdu_bytes: int = DEFAULT_MAX_PDU_BYTES,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        tls: TlsListener | None = None,
         on_release: Callable[[str, list[str]], None] | None = None,
+        on_association: AssociationCallback | None = None,
     ):
         self.accept = accept
         self.on_release = on_release
+        self.on_association = on_association
+        self.peers = peers
+        self.tls = tls
+        self.max_inflated_bytes = max_inflated_bytes
+        self.max_pdu_bytes = max_pdu_bytes
         self.address = (host, port)
         self.ae = AE(ae_title=ae_title)
-        self.ae.maximum_pdu_size = 0  # no fragmentation limit on our side
+        self.ae.maximum_pdu_size = max_pdu_bytes  # advertised; larger PDUs are aborted (listener.py)
         self.ae.maximum_associations = max_associations
-        if allowed_calling_aets:
-            self.ae.require_calling_aet = list(allowed_calling_aets)
         self.ae.add_supported_context(Verification)
         for sop_class in CHEST_CAPABLE_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, list(decodable_transfer_syntaxes()))
         for sop_class in other_storage_classes():
             # Not ours to decode, so any syntax is fine: stored and marked ignored.
             self.ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-        self._server = None
-        # Which studies each open association has brought, for the release hook.
+        self._server: AdmittingServer | None = None
+        self._tls_server: AdmittingServer | None = None
+        self._events: EventDispatcher | None = None
+        # Which studies each open association has brought, for the release hook
+        # and the association's closing event.
         self._studies_by_assoc: dict[int, set[str]] = {}
         self._lock = threading.Lock()
 
@@ -139,19 +171,41 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_ABORTED, self._pop_association),
         ]
-        self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+        if self.on_association is not None:
+            self._events = EventDispatcher(self.on_association)
+        admission = Admission(
+            policy=self.peers,
+            max_pdu_bytes=self.max_pdu_bytes,
+            report=self._events.emit if self._events else (lambda event: None),
+            studies_of=self._pop_association,
+            handshake_timeout=self.ae.acse_timeout or 30.0,
+        )
+        self._server = start_listener(self.ae, self.address, admission, ssl_context=None, evt_handlers=handlers)
         log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self.address)
+        if self.tls is not None:
+            self._tls_server = start_listener(self.ae, (self.address[0], self.tls.port), admission,
+                                              ssl_context=self.tls.context, evt_handlers=handlers)
+            log.info("DICOM SCP %s listening for TLS on %s:%d", self.ae.ae_title, self.address[0], self.tls_port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     @property
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.address[1]
+
+    @property
+    def tls_port(self) -> int | None:
+        if self._tls_server is not None:
+            return self._tls_server.server_address[1]
+        return self.tls.port if self.tls else None
 
     # -- handlers ----------------------------------------------------------
     def _on_store(self, event: evt.Event):
@@ -173,16 +227,17 @@ class StorageSCP:
         return SUCCESS
 
     def _on_released(self, event: evt.Event) -> None:
-        studies = self._pop_association(event)
+        with self._lock:
+            studies = set(self._studies_by_assoc.get(id(event.assoc), ()))
         if studies and self.on_release is not None:
             try:
                 self.on_release(event.assoc.requestor.ae_title, sorted(studies))
             except Exception:
                 log.exception("release hook failed")
 
-    def _pop_association(self, event: evt.Event) -> set[str]:
+    def _pop_association(self, assoc) -> tuple[str, ...]:
         with self._lock:
-            return self._studies_by_assoc.pop(id(event.assoc), set())
+            return tuple(sorted(self._studies_by_assoc.pop(id(assoc), ())))
 
     def _remember(self, event: evt.Event, study_uid: str) -> None:
         with self._lock:
@@ -192,7 +247,9 @@ class StorageSCP:
         request = event.request
         temp = Path(event.dataset_path)
         try:
-            fields = _header_fields(temp)
+            fields = _header_fields(temp, self.max_inflated_bytes)
+        except InflateLimitExceeded as exc:
+            raise Refusal(CANNOT_UNDERSTAND, str(exc)) from exc
         except Exception as exc:
             # Whatever pydicom raises on hostile bytes (BytesLengthException,
             # zlib.error, struct.error, ...) means "cannot understand", never

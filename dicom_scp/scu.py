@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,22 +42,28 @@ def send_files(
     host: str,
     port: int,
     timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> SendReport:
     """C-STORE every file; one association for all of them.
 
-    Raises SendError when no association is possible; per-instance failures
-    are in the report so the caller can decide what to retry."""
-    datasets = [dcmread(p) for p in paths]
+    With `tls` the connection is TLS and the server's certificate must match
+    `server_name` (default: `host`). Raises SendError when no association is
+    possible (a failed TLS handshake included); per-instance failures are in
+    the report so the caller can decide what to retry."""
+    datasets = [dcmread(p) for p in paths]  # our own outputs, written Explicit VR LE
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.maximum_pdu_size = 0
+    ae.maximum_pdu_size = 256 * 1024  # what we accept back; responses are small
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         # Our objects are written Explicit VR LE; Implicit is the universal fallback.
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER])
+    tls_args = (tls, server_name or host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER], tls_args=tls_args)
     if not assoc.is_established:
-        raise SendError(f"association with {called_ae}@{host}:{port} not established")
+        how = "TLS " if tls is not None else ""
+        raise SendError(f"{how}association with {called_ae}@{host}:{port} not established")
     report = SendReport()
     accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
     try:

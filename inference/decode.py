@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from inference.dicom_file import InflateLimitExceeded, dcmread_bounded
 from inference.types import DecodedImage
 
 # 60 MP: well above the largest detectors (43x43 cm at 0.1 mm is ~18.5 MP) yet
@@ -50,7 +50,9 @@ def decode_dicom(ds: Dataset, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
 def decode_dicom_file(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Read a DICOM Part 10 file (or a bare dataset) and decode it."""
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = dcmread_bounded(path, force=True)  # a Deflated dataset is inflated in chunks, capped
+    except InflateLimitExceeded as exc:
+        raise DecodeError(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types for truncated/garbage files
         raise DecodeError(f"not a readable DICOM file: {exc}") from exc
     return decode_dicom(ds, max_pixels=max_pixels)

@@ -24,6 +24,7 @@ import pydicom
 import torch
 
 from inference.cam import heatmaps_for_batch
+from inference.dicom_file import InflateLimitExceeded, dcmread_bounded
 from inference.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_dicom, decode_dicom_file, decode_png_or_jpeg
 from inference.model import LoadedModel
 from inference.preprocess import ModelInput, prepare_input
@@ -178,7 +179,9 @@ def decode_image(source: bytes | str | os.PathLike, *, max_pixels: int = DEFAULT
         kind = sniff_format(data[:256])
         if kind == "dicom":
             try:
-                ds = pydicom.dcmread(io.BytesIO(data), force=True)
+                ds = dcmread_bounded(io.BytesIO(data), force=True)  # Deflated: inflated in chunks, capped
+            except InflateLimitExceeded as exc:
+                raise DecodeError(str(exc)) from exc
             except Exception as exc:
                 raise DecodeError(f"not a readable DICOM file: {exc}") from exc
             return decode_dicom(ds, max_pixels=max_pixels)

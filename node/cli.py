@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from node.config import ConfigError, load_settings
+from node.config import ConfigError, check_serve, load_settings
 from node.states import JobState
 
 
@@ -27,9 +27,14 @@ def _db(settings):
 
 def cmd_serve(args) -> int:
     settings = _settings(args)  # a bad key stops us before torch is even imported
-    from node.service import serve
+    try:
+        check_serve(settings)
+        from node.service import serve
 
-    serve(settings)
+        serve(settings)  # also ConfigError: a TLS certificate or key that does not load
+    except ConfigError as exc:
+        print(f"carina: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

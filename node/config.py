@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from node.states import OutputKind
@@ -42,16 +42,87 @@ class DatabaseSettings(_Strict):
     url: str = ""
 
 
+class DicomPeer(_Strict):
+    """A sender allowed to associate: its calling AE title and where it connects from."""
+
+    ae_title: str
+    # An address (10.1.2.3), a network in CIDR form (10.1.2.0/24) or a hostname
+    # (resolved when the peer connects).
+    host: str
+
+    _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("an address, a CIDR network or a hostname")
+        if "/" in value:
+            import ipaddress
+
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR network: {exc}") from None
+        return value
+
+
+class DicomTlsSettings(_Strict):
+    """A second, TLS-only listener for the SCP (same AE title, peers and limits)."""
+
+    port: int = Field(ge=1, le=65535)
+    certificate: Path  # PEM, the node's certificate (chain)
+    private_key: Path  # PEM, unencrypted; readable by the node's user only
+    # PEM bundle of the CA(s) that sign the senders' certificates.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> "DicomTlsSettings":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to verify the senders against")
+        return self
+
+
 class DicomSettings(_Strict):
     ae_title: str = "CARINA"
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     stable_seconds: float = Field(default=5.0, gt=0)
     max_associations: int = Field(default=10, ge=1)
-    # Calling AE titles allowed to send; empty accepts any.
-    allowed_calling_aets: list[str] = Field(default_factory=list)
+    # Who may send: an association from any other calling AE title, or from a
+    # known one at another address, is rejected at negotiation. An empty list
+    # stops start-up unless accept_any_peer is set explicitly.
+    peers: list[DicomPeer] = Field(default_factory=list)
+    accept_any_peer: bool = False
+    tls: DicomTlsSettings | None = None
+    # Largest P-DATA-TF PDU accepted (and advertised); a longer one is aborted.
+    max_pdu_bytes: int = Field(default=256 * 1024, ge=4096, le=16 * 2**20)
+    # A Deflated dataset that inflates beyond this is refused (0xC000).
+    max_inflated_mb: int = Field(default=128, ge=1, le=4096)
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "allowed_calling_aets" in data:
+            raise ValueError(
+                "allowed_calling_aets was replaced by dicom.peers: list each sender as "
+                "{ae_title: MODALITY, host: 10.1.2.3} (host: an address, a CIDR network or a hostname)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _peers_or_any(self) -> "DicomSettings":
+        if self.peers and self.accept_any_peer:
+            raise ValueError("set dicom.peers or dicom.accept_any_peer: true, not both")
+        return self
+
+    @property
+    def max_inflated_bytes(self) -> int:
+        return self.max_inflated_mb * 2**20
 
 
 class ApiSettings(_Strict):
@@ -121,6 +192,22 @@ class RoutingSettings(_Strict):
     missing_view_position_eligible: bool = False
 
 
+class DestinationTls(_Strict):
+    """DICOM TLS to a destination: its certificate must chain to `ca_certificates`
+    and name `server_name` (default: the destination's host)."""
+
+    ca_certificates: Path
+    certificate: Path | None = None  # ours, for a PACS that requires client certificates
+    private_key: Path | None = None
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> "DestinationTls":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class DicomDestination(_Strict):
     name: str
     type: Literal["dicom"]
@@ -128,6 +215,7 @@ class DicomDestination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
+    tls: DestinationTls | None = None
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -304,6 +392,17 @@ class Settings(BaseSettings):
 
 class ConfigError(Exception):
     """Start-up must stop; the message names the bad key."""
+
+
+def check_serve(settings: Settings) -> None:
+    """What `carina serve` needs beyond a valid file (other subcommands do not)."""
+    dicom = settings.dicom
+    if not dicom.peers and not dicom.accept_any_peer:
+        raise ConfigError(
+            "dicom.peers is empty: list the senders allowed to push, e.g.\n"
+            "  dicom:\n    peers:\n      - {ae_title: MODALITY, host: 10.1.2.3}\n"
+            "or set dicom.accept_any_peer: true to accept any calling AE from any address (not for production)"
+        )
 
 
 def resolve_config_path(cli_path: str | os.PathLike | None) -> Path | None:

@@ -25,6 +25,9 @@ class NodeContext:
     db: Database
     # Filled in as each part comes up; /healthz is 200 only when all are True.
     ready: dict[str, bool] = field(default_factory=lambda: {"db": False, "scp": False, "model": False})
+    # Running, but not as a hospital should run it (e.g. accepting any DICOM
+    # peer): each a sentence for the operator; readiness reports them.
+    warnings: list[str] = field(default_factory=list)
     # The batching worker once a model is loaded: thread-safe, callers share
     # its batches; `predict(images)` and `model_info` as on an InferenceEngine.
     engine: BatchingEngine | None = None

@@ -11,10 +11,13 @@ from functools import partial
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_scp.events import AssociationEvent
+from dicom_scp.peers import Peer, PeerPolicy
 from dicom_scp.scp import StorageSCP
+from dicom_scp.tls import TlsListener, server_context
 from node.api.app import create_app
 from node.completion import complete_quiet_studies
-from node.config import Settings
+from node.config import ConfigError, Settings, check_serve
 from node.context import NodeContext
 from node.db import Database
 from node.fhir_store import reindex_missing
@@ -65,6 +68,45 @@ def load_engine(ctx: NodeContext) -> None:
         manager.start_watching_only()
 
 
+ACCEPT_ANY_PEER_WARNING = (
+    "dicom.accept_any_peer is set: any calling AE title from any address may push studies; "
+    "list the senders in dicom.peers"
+)
+
+
+def peer_policy(ctx: NodeContext) -> PeerPolicy:
+    dicom = ctx.settings.dicom
+    if dicom.accept_any_peer:
+        log.warning("%s", ACCEPT_ANY_PEER_WARNING)
+        ctx.warnings.append(ACCEPT_ANY_PEER_WARNING)
+        return PeerPolicy.any_peer()
+    return PeerPolicy(Peer(p.ae_title, p.host) for p in dicom.peers)
+
+
+def tls_listener(settings: Settings) -> TlsListener | None:
+    tls = settings.dicom.tls
+    if tls is None:
+        return None
+    try:
+        context = server_context(certificate=tls.certificate, private_key=tls.private_key,
+                                 ca_certificates=tls.ca_certificates,
+                                 require_client_certificate=tls.require_client_certificate)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"dicom.tls: cannot load the certificate, key or CA bundle: {exc}") from None
+    return TlsListener(tls.port, context)
+
+
+def log_association(event: AssociationEvent) -> None:
+    """Logs the associations that ended without a release (AE title, address and
+    a count, never PHI). Rejections are logged by dicom_scp, releases that
+    brought studies by node/receiver.py `record_release`."""
+    if event.kind != "aborted":
+        return
+    how = " over TLS" if event.tls else ""
+    log.warning("association from %s at %s:%d%s ended without release after %d study(ies): %s", event.calling_ae,
+                event.peer_address, event.peer_port, how, len(event.study_uids), event.reason)
+
+
 class Node:
     """All parts of a running node; start() then stop()."""
 
@@ -74,10 +116,14 @@ class Node:
         self.scheduler: BackgroundScheduler | None = None
         self.workers: WorkerPool | None = None
         self.hl7_listener = None  # node.mllp_listener.MllpListener when hl7_listener.enabled
+        # Receives one AssociationEvent per inbound association outcome (dicom_scp/events.py).
+        self.on_association = log_association
         self._stopping = threading.Event()
 
     def start(self) -> None:
         ctx, s = self.ctx, self.ctx.settings
+        check_serve(s)
+        policy, tls = peer_policy(ctx), tls_listener(s)
         prepare_storage(ctx)
         ctx.db.create_schema()
         with ctx.db.session() as session:  # FHIR resources stored before the search index existed
@@ -92,9 +138,13 @@ class Node:
             host=s.dicom.host,
             port=s.dicom.port,
             accept=Receiver(ctx.db, ctx.instances_dir, s.storage.min_free_mb),
+            peers=policy,
             max_associations=s.dicom.max_associations,
-            allowed_calling_aets=s.dicom.allowed_calling_aets,
+            max_pdu_bytes=s.dicom.max_pdu_bytes,
+            max_inflated_bytes=s.dicom.max_inflated_bytes,
+            tls=tls,
             on_release=partial(record_release, ctx.db),
+            on_association=self.on_association,
         )
         self.scp.start()
         ctx.ready["scp"] = True

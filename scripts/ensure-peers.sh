@@ -6,6 +6,7 @@ command -v Orthanc  >/dev/null || need+=(orthanc)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dsrdump  >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v openssl  >/dev/null || need+=(openssl)  # makes the DICOM TLS tests' certificates
 command -v ojph_compress >/dev/null || need+=(openjph-tools)  # HTJ2K test variants
 command -v node     >/dev/null || need+=(nodejs)  # runs OHIF's own SR/SEG code (tests/js)
 command -v npm      >/dev/null || need+=(npm)

@@ -135,10 +135,11 @@ class Orthanc:
 
     Every C-STORE it receives is logged (`receptions()`), re-sends included."""
 
-    def __init__(self, workdir: Path, ae_title: str = "ORTHANC"):
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC", extra_config: dict | None = None):
         self.binary = require_tool("Orthanc")
         self.workdir = Path(workdir)
         self.ae_title = ae_title
+        self.extra_config = extra_config or {}  # e.g. the DicomTls* options
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -161,6 +162,7 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "Plugins": [],
             "LuaScripts": [str(self._write_reception_hook())],
+            **self.extra_config,
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
@@ -226,17 +228,37 @@ class Orthanc:
         return dest
 
 
+# Every calling AE title the tests send with, all from this machine: the known
+# peers of a test node and of the in-process SCPs (dicom.peers).
+TEST_SENDERS = ("MODALITY", "PROBE", "ECHOSCU", "STORESCU", "MOD", "ROUTE_A", "ROUTE_B",
+                "HOSTILE", "CONTROL", "BIGMOD", "FUZZER")
+
+
+def loopback_peers(*ae_titles: str) -> list[dict]:
+    """`dicom.peers` entries for senders on 127.0.0.1 (default: TEST_SENDERS)."""
+    return [{"ae_title": title, "host": "127.0.0.1"} for title in (ae_titles or TEST_SENDERS)]
+
+
+def loopback_policy(*ae_titles: str):
+    """The same, as the PeerPolicy an in-process StorageSCP takes."""
+    from dicom_scp.peers import Peer, PeerPolicy
+
+    return PeerPolicy(Peer(p["ae_title"], p["host"]) for p in loopback_peers(*ae_titles))
+
+
 class CarinaNode:
     """`carina serve` as a subprocess, exactly as an operator runs it."""
 
-    def __init__(self, workdir: Path, *, destinations: list[dict] | None = None, stable_seconds: float = 1.0, extra: dict | None = None):
+    def __init__(self, workdir: Path, *, destinations: list[dict] | None = None, stable_seconds: float = 1.0,
+                 extra: dict | None = None, peers: list[dict] | None = None):
         self.workdir = Path(workdir)
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.config_path = self.workdir / "carina.yaml"
         config = {
             "storage": {"data_dir": str(self.workdir / "var"), "min_free_mb": 0},
-            "dicom": {"ae_title": "CARINA", "host": "127.0.0.1", "port": self.dicom_port, "stable_seconds": stable_seconds},
+            "dicom": {"ae_title": "CARINA", "host": "127.0.0.1", "port": self.dicom_port, "stable_seconds": stable_seconds,
+                      "peers": loopback_peers() if peers is None else peers},
             "api": {"host": "127.0.0.1", "port": self.http_port},
             "pipeline": {"poll_seconds": 0.2, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2},
             "destinations": destinations or [],

@@ -21,6 +21,8 @@ def test_documented_default_has_the_required_keys():
     assert isinstance(raw["destinations"], list)
     s = load_settings(REPO / DEFAULT_CONFIG_PATH)
     assert (s.dicom.ae_title, s.dicom.port, s.api.port, s.dicom.stable_seconds) == ("CARINA", 11112, 8080, 5)
+    # The README tour's sender is a known peer, so `make run` takes its storescu.
+    assert [(p.ae_title, p.host) for p in s.dicom.peers] == [("MODALITY", "127.0.0.1")] and not s.dicom.accept_any_peer
     assert s.database_url.startswith("sqlite:///")
 
 
@@ -45,6 +47,10 @@ def test_destinations_are_validated(tmp_path):
     ({"dicom": {"port": "eleven"}}, "dicom.port"),
     ({"dicom": {"ae_title": "A_TITLE_LONGER_THAN_16"}}, "dicom.ae_title"),
     ({"storage": {"data_dri": "x"}}, "storage.data_dri"),
+    # The old allow-list is gone; its message names the key that replaced it.
+    ({"dicom": {"allowed_calling_aets": ["MODALITY"]}}, "dicom.peers"),
+    ({"dicom": {"peers": [{"ae_title": "MODALITY"}]}}, "dicom.peers.0.host"),
+    ({"dicom": {"tls": {"port": 2762, "certificate": "c.pem", "private_key": "k.pem"}}}, "ca_certificates"),
 ])
 def test_invalid_config_stops_startup_naming_the_key(tmp_path, content, key):
     cfg = tmp_path / "bad.yaml"

@@ -64,7 +64,7 @@ from node.context import NodeContext
 from node.db import Instance
 from node.pipeline.infer import Candidate, assess
 from node.receiver import Receiver
-from peers import CarinaNode, carina_db_rows, echoscu, free_port, store_responses, storescu
+from peers import CarinaNode, carina_db_rows, echoscu, free_port, loopback_policy, store_responses, storescu
 
 CR, DX, DX_PROC, SC, CT = (
     "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
@@ -285,7 +285,7 @@ def stored_body_sha256(path: Path) -> str:
 @pytest.fixture
 def rig(tmp_path, sqlite_db):
     scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(),
-                     accept=Receiver(sqlite_db, tmp_path / "instances"))
+                     accept=Receiver(sqlite_db, tmp_path / "instances"), peers=loopback_policy("FUZZER", "PROBE", "MODALITY"))
     # The real node, as an operator runs it. Completion is pushed past the
     # end of the run: the pipeline's handling of what is stored here is the
     # assess() below and test_hostile_input.py; this is about the receiving

@@ -324,10 +324,10 @@ def test_overlong_uids_and_ids_never_become_out_of_resources(any_db, tmp_path):
     a bad dataset instead; over-long informational values are truncated."""
     from dicom_scp.scp import StorageSCP
     from node.receiver import Receiver
-    from peers import free_port
+    from peers import free_port, loopback_policy
 
     scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(),
-                     accept=Receiver(any_db, tmp_path / "instances"))
+                     accept=Receiver(any_db, tmp_path / "instances"), peers=loopback_policy("MODALITY", "PROBE"))
     scp.start()
     try:
         long_uid = "1.2.826.0.1.3680043.10.1249." + "1234567890" * 5  # 78 characters

@@ -18,7 +18,7 @@ from dicom_factory import SIIM_MONO1, make_dx, write
 from node.db import Instance, Study
 from node.receiver import NOT_CHEST, Receiver
 from node.storage import instance_path, safe_path_component
-from peers import free_port, require_tool, store_responses, storescu
+from peers import free_port, loopback_policy, require_tool, store_responses, storescu
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ def db(sqlite_db):
 def start_scp(tmp_path, db, *, min_free_mb: float = 0, accept=None, **kwargs) -> StorageSCP:
     """The SCP with the node's receiver as its acceptor, as `carina serve` wires it."""
     accept = accept or Receiver(db, tmp_path / "instances", min_free_mb)
+    kwargs.setdefault("peers", loopback_policy())
     scp = StorageSCP(ae_title="CARINA", host="127.0.0.1", port=free_port(), accept=accept, **kwargs)
     scp.start()
     return scp

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_scp.scu import SOP_CLASS_NOT_SUPPORTED, SendError, send_files
+from dicom_scp.tls import client_context
 from node.config import DicomDestination
 from node.context import NodeContext
 from node.db import Output, Study
@@ -52,8 +53,20 @@ def load(ctx: NodeContext, session: Session, study: Study, destination: DicomDes
     return DicomDelivery(destination, study.study_uid, study.version, tuple(paths))
 
 
+def _tls(destination: DicomDestination):
+    tls = destination.tls
+    if tls is None:
+        return None
+    try:
+        return client_context(ca_certificates=tls.ca_certificates, certificate=tls.certificate,
+                              private_key=tls.private_key)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; a fixed file may come back
+        raise RetryableError(f"{destination.name}: cannot load the TLS certificates: {type(exc).__name__}") from exc
+
+
 def send(ctx: NodeContext, work: DicomDelivery) -> None:
     destination, paths = work.destination, list(work.paths)
+    tls = _tls(destination)
     try:
         report = send_files(
             paths,
@@ -61,6 +74,8 @@ def send(ctx: NodeContext, work: DicomDelivery) -> None:
             called_ae=destination.ae_title,
             host=destination.host,
             port=destination.port,
+            tls=tls,
+            server_name=destination.tls.server_name if destination.tls else None,
         )
     except (SendError, OSError, RuntimeError) as exc:
         raise RetryableError(f"{destination.name}: {exc}") from exc

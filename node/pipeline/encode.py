@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from inference import decode_dicom
+from inference.dicom_file import dcmread_bounded
 from node import results
 from node.context import NodeContext
 from node.db import Instance, Job, Output, Study
@@ -93,7 +94,10 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> EncodeWo
 def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
     scored = work.scored
     kinds = set(ctx.settings.outputs.kinds)
-    headers = {uid: dcmread(path, stop_before_pixels=True) for uid, path in work.sources.items()}
+    # Sources arrived from the network: a Deflated one is inflated in chunks, capped.
+    cap = ctx.settings.dicom.max_inflated_bytes
+    headers = {uid: dcmread_bounded(path, stop_before_pixels=True, max_inflated_bytes=cap)
+               for uid, path in work.sources.items()}
     predecessors = [dcmread(p, stop_before_pixels=True) for p in work.predecessor_srs if p.exists()]
 
     # Per source image: its GSPS and SEG (when it has a drawn finding), its SCs.
@@ -111,7 +115,7 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
             per_image.append((OutputKind.SEG, seg))
         if OutputKind.SC in kinds:
             captures = build_heatmap_captures(
-                headers[uid], image, _display(work, uid), scored,
+                headers[uid], image, _display(work, uid, cap), scored,
                 first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
             )
             per_image.extend((OutputKind.SC, sc) for sc in captures)
@@ -130,7 +134,7 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
     return Encoded(scored, tuple(written), resources)
 
 
-def _display(work: EncodeWork, sop_uid: str) -> np.ndarray:
+def _display(work: EncodeWork, sop_uid: str, max_inflated_bytes: int) -> np.ndarray:
     """The rendition infer kept; decoded again only if it is gone (e.g. a
     restored backup without the work directory)."""
     path = work.displays[sop_uid]
@@ -138,7 +142,7 @@ def _display(work: EncodeWork, sop_uid: str) -> np.ndarray:
         with Image.open(path) as picture:
             return np.asarray(picture)
     log.warning("display rendition of %s missing; decoding the source again", sop_uid)
-    return display_rendition(decode_dicom(dcmread(work.sources[sop_uid])))
+    return display_rendition(decode_dicom(dcmread_bounded(work.sources[sop_uid], max_inflated_bytes=max_inflated_bytes)))
 
 
 def settle(ctx: NodeContext, session: Session, study: Study, encoded: Encoded) -> None:

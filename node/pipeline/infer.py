@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from inference import DecodeError, DecodedImage, decode_dicom
+from inference.dicom_file import dcmread_bounded
 from inference.types import ImageResult
 from node import results, triage
 from node.context import NodeContext
@@ -92,8 +92,10 @@ def assess(ctx: NodeContext, candidate: Candidate) -> Assessment:
     """Never raises: hostile files end as FAILED with a reason."""
     try:
         # defer_size: a 1 GB PixelData is not read until decode has checked
-        # the header's dimensions against the pixel budget.
-        ds = dcmread(candidate.path, defer_size="2 MB")
+        # the header's dimensions against the pixel budget. A Deflated source
+        # is inflated in chunks up to the SCP's cap (refused beyond it).
+        ds = dcmread_bounded(candidate.path, defer_size="2 MB",
+                             max_inflated_bytes=ctx.settings.dicom.max_inflated_bytes)
         rule = exclusion(ds, ctx.settings.routing)
         if rule:
             return Assessment(candidate, InstanceState.IGNORED, rule)
