@@ -93,7 +93,7 @@ class Policy:
             if not given or not hmac.compare_digest(given, principal.csrf_token):
                 events.access_denied(node.audit, auth.actor(request, principal), request.method, request.url.path,
                                      "missing or wrong CSRF token")
-                raise HTTPException(403, f"missing or wrong {CSRF_HEADER} header for a session request")
+                raise HTTPException(403, "missing or wrong X-CSRF-Token header for a session request (CSRF)")
         request.state.principal = principal
         return principal
 

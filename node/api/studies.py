@@ -112,9 +112,8 @@ def list_studies(request: Request, state: str | None = None, limit: int = Query(
             stmt = stmt.where(Study.state == state)
         studies = s.scalars(stmt).all()
         counts = dict(s.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-        events.query(node.audit, actor(request), f"studies?{request.url.query}",
-                     [(st.patient_id, st.study_uid) for st in studies])
-        return {
+        shown = [(st.patient_id, st.study_uid) for st in studies]
+        view = {
             "counts": counts,
             "studies": [
                 {
@@ -129,6 +128,9 @@ def list_studies(request: Request, state: str | None = None, limit: int = Query(
                 for st in studies
             ],
         }
+    # After the read transaction: the audit append is a write of its own.
+    events.query(node.audit, actor(request), f"studies?{request.url.query}", shown)
+    return view
 
 
 def _positives(s, study: Study) -> list[str]:
