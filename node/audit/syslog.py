@@ -11,17 +11,20 @@ success and 4 (warning) otherwise. The structured data carries the record's
 place in the hash chain, so the collector's copy can be compared with the
 node's (`carina audit verify` checks the node's own chain).
 
-Delivery is at-least-once and in order: a thread sends every record after the
-last one the target acknowledged by TCP (kept in `audit_forwarding`, so a
-restart resumes where it stopped), reconnecting after
-`audit.syslog.reconnect_seconds` when the collector is away. Nothing is
-dropped while it is away; records wait in the database.
+Delivery is in order and resumes where it stopped: a thread sends every record
+after the last one written to the collector's connection (kept in
+`audit_forwarding`, so a node restart resumes too), reconnecting after
+`audit.syslog.reconnect_seconds` when the collector is away; records wait in
+the database meanwhile. Syslog over TCP has no acknowledgement, so a record
+written at the very moment the collector dies can be lost there (never in the
+node's own chain, which `carina audit verify` checks).
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -127,6 +130,8 @@ class SyslogForwarder:
                 row.last_seq, row.updated_at = seq, now()
 
     def _connection(self) -> socket.socket:
+        if self._sock is not None and self._peer_closed(self._sock):
+            self._close()
         if self._sock is not None:
             return self._sock
         st = self.settings
@@ -138,6 +143,13 @@ class SyslogForwarder:
             sock = context.wrap_socket(sock, server_hostname=st.host)
         self._sock = sock
         return sock
+
+    @staticmethod
+    def _peer_closed(sock: socket.socket) -> bool:
+        """A collector never writes to us, so a readable socket means it closed or reset:
+        reconnect before sending, rather than write into a dead connection."""
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
 
     def _close(self) -> None:
         if self._sock is not None:
