@@ -260,7 +260,7 @@ def _resource_response(request: Request, row: FhirResource) -> Response:
 
 
 @router.api_route(
-    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=[READ]
+    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=[READ], include_in_schema=False
 )
 def not_served(path: str, request: Request) -> Response:
     """Anything else under /fhir still answers in FHIR: the API is read-only."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
@@ -195,7 +196,19 @@ class AuditMessage:
                     contains = ET.SubElement(description, "ParticipantObjectContainsStudy")
                     for uid in o.study_uids:
                         ET.SubElement(contains, "StudyIDs", {"UID": uid})
+        for element in root.iter():  # values from the network (user names, queries) may hold any character
+            element.attrib = {k: xml_safe(v) for k, v in element.attrib.items()}
+            if element.text:
+                element.text = xml_safe(element.text)
         return ET.tostring(root, encoding="unicode")
+
+
+# Characters XML 1.0 cannot carry, even escaped (controls, lone surrogates, U+FFFE/FFFF).
+_NOT_XML = re.compile("[^\x09\x0A\x0D\x20-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+
+
+def xml_safe(value: str) -> str:
+    return _NOT_XML.sub("\ufffd", value)
 
 
 def patient_ids_in(xml: str) -> tuple[str, ...]:

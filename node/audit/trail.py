@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from sqlalchemy import select
 
-from node.audit.messages import AuditMessage, patient_ids_in, study_uids_in
+from node.audit.messages import AuditMessage, patient_ids_in, study_uids_in, xml_safe
 from node.db import AuditHead, AuditPatient, AuditRecord, Database, now
 
 GENESIS = "0" * 64
@@ -109,9 +109,9 @@ class AuditTrail:
                 event_type=message.event_types[0].code if message.event_types else "",
                 action=message.action,
                 outcome=message.outcome,
-                user_id=(requestor.user_id if requestor else "")[:128],
-                role=role[:32],
-                address=(requestor.address if requestor else "")[:64],
+                user_id=xml_safe(requestor.user_id if requestor else "")[:128],
+                role=xml_safe(role)[:32],
+                address=xml_safe(requestor.address if requestor else "")[:64],
                 xml=xml,
                 prev_hash=head.hash,
             )
@@ -119,7 +119,7 @@ class AuditTrail:
             s.add(record)
             s.flush()
             for patient_id in message.patient_ids:
-                s.add(AuditPatient(record_seq=record.seq, patient_id=patient_id[:64]))
+                s.add(AuditPatient(record_seq=record.seq, patient_id=xml_safe(patient_id)[:64]))
             head.seq, head.hash = record.seq, record.hash
             seq = record.seq
         for listener in self._listeners:
