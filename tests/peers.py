@@ -135,10 +135,11 @@ class Orthanc:
 
     Every C-STORE it receives is logged (`receptions()`), re-sends included."""
 
-    def __init__(self, workdir: Path, ae_title: str = "ORTHANC"):
+    def __init__(self, workdir: Path, ae_title: str = "ORTHANC", extra_config: dict | None = None):
         self.binary = require_tool("Orthanc")
         self.workdir = Path(workdir)
         self.ae_title = ae_title
+        self.extra_config = extra_config or {}  # Orthanc configuration keys to add or override
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -161,7 +162,7 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "Plugins": [],
             "LuaScripts": [str(self._write_reception_hook())],
-        }
+        } | self.extra_config
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
         self.log = open(self.workdir / "orthanc.log", "ab")
