@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from sqlalchemy import func, select
 
@@ -20,6 +20,8 @@ from node.states import JobState
 router = APIRouter(prefix="/api/v1", tags=["admin"])
 
 ADMIN = require(Permission.ADMIN)
+# A database integer: larger ids are a 422, not a driver overflow.
+JOB_ID = Path(ge=1, le=2**63 - 1)
 
 
 def parse_when(value: str | None, name: str) -> float | None:
@@ -93,7 +95,7 @@ def list_jobs(request: Request, state: str | None = None, stage: str | None = No
 
 
 @router.get("/jobs/{job_id}", dependencies=[ADMIN])
-def job_detail(request: Request, job_id: int):
+def job_detail(request: Request, job_id: int = JOB_ID):
     """A job with the full text of each failed attempt (it may quote a peer, and so name a patient)."""
     node = request.app.state.node
     with node.db.session() as s:
@@ -114,7 +116,7 @@ def job_detail(request: Request, job_id: int):
 
 
 @router.post("/jobs/{job_id}/retry", dependencies=[ADMIN])
-def retry_job(request: Request, job_id: int):
+def retry_job(request: Request, job_id: int = JOB_ID):
     node = request.app.state.node
     with node.db.session() as s:
         job = s.get(Job, job_id)

@@ -231,7 +231,7 @@ def history_instance(resource_type: str, resource_id: str, request: Request) -> 
 def vread(resource_type: str, resource_id: str, version_id: str, request: Request) -> Response:
     _check_type(resource_type)
     row = None
-    if version_id.isdigit():
+    if version_id.isascii() and version_id.isdigit() and len(version_id) <= 18:
         with _db(request).session() as session:
             row = fhir_store.read_version(session, resource_type, resource_id, int(version_id))
     if row is None:
