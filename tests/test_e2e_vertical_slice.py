@@ -124,7 +124,8 @@ def test_api_requires_a_token_and_shows_study_state(loop):
 
 def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
     """The operator UI in Debian's Chromium (Playwright drives it; no browser download):
-    log in as a viewer, see the study's findings under the CSP, log out."""
+    log in as a viewer, see the study's findings under the CSP, log out; then an admin's
+    audit page shows that viewer's read of the patient's study."""
     from peers import require_tool
     from playwright.sync_api import expect, sync_playwright
 
@@ -163,6 +164,21 @@ def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
             assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
             page.click("#logout")  # a DELETE with the CSRF token; the session ends
             page.wait_for_url("**/login")
+
+            # An admin asks the audit page who saw this patient: the viewer above, just now.
+            node.create_user("officer", "admin", "another long passphrase")
+            page.fill("#username", "officer")
+            page.fill("#password", "another long passphrase")
+            page.click("#login-button")
+            page.wait_for_url(node.url + "/")
+            page.click("#audit-link")
+            page.wait_for_url("**/audit")
+            page.fill("#patient", studies["dx"].PatientID)
+            page.click("#search")
+            viewed = page.locator("tr.audit-record", has_text="110110 Patient Record").filter(has_text="reader")
+            expect(viewed.first).to_be_visible()
+            expect(page.locator("#chain")).to_contain_text("Hash chain intact")
+            page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
             assert violations == []
         finally:
             browser.close()
