@@ -38,16 +38,185 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _trail(settings, db):
+    from node.context import trail_for
+
+    return trail_for(settings, db)
+
+
+def _when(value: str | None) -> str:
+    import datetime as dt
+
+    return "-" if value is None else dt.datetime.fromtimestamp(value, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# --- carina token: API tokens ------------------------------------------------------------------
+
+
 def cmd_token_create(args) -> int:
     from node.api.auth import create_token
+    from node.audit import events, messages
 
+    settings = _settings(args)
+    days = settings.security.token_default_days if args.expires_days is None else args.expires_days
+    if days > settings.security.token_max_days:
+        print(f"carina: --expires-days {days} is over security.token_max_days ({settings.security.token_max_days})",
+              file=sys.stderr)
+        return 2
+    db = _db(settings)
     try:
-        token = create_token(_db(_settings(args)), args.name, args.role)
+        token = create_token(db, args.name, args.role, days)
     except ValueError as exc:
         print(f"carina: {exc}", file=sys.stderr)
         return 2
-    print(f"token {args.name!r} ({args.role}) created; it is shown once, store it now:")
+    events.admin_action(_trail(settings, db), events.cli_actor(), messages.USER_SECURITY_ATTRIBUTES_CHANGED,
+                        events.token_object(args.name), f"token created: role {args.role}, expires in {days:g} days")
+    print(f"token {args.name!r} ({args.role}, expires in {days:g} days) created; it is shown once, store it now:")
     print(token)
+    return 0
+
+
+def cmd_token_list(args) -> int:
+    from node.api.auth import list_tokens, token_problem
+    from node.db import now
+
+    rows = list_tokens(_db(_settings(args)))
+    print("name\trole\tcreated\texpires\tlast used\tstate")
+    for t in rows:
+        state = token_problem(t, now()) or "active"
+        print("\t".join([t.name, t.role, _when(t.created_at), _when(t.expires_at), _when(t.last_used_at), state]))
+    return 0
+
+
+def cmd_token_revoke(args) -> int:
+    from node.api.auth import revoke_token
+    from node.audit import events, messages
+
+    settings = _settings(args)
+    db = _db(settings)
+    if not revoke_token(db, args.name):
+        print(f"carina: no active token named {args.name!r}", file=sys.stderr)
+        return 2
+    events.admin_action(_trail(settings, db), events.cli_actor(), messages.USER_SECURITY_ATTRIBUTES_CHANGED,
+                        events.token_object(args.name), "token revoked")
+    print(f"token {args.name!r} revoked")
+    return 0
+
+
+# --- carina user: people who log in ------------------------------------------------------------
+
+
+def _read_password(confirm: bool) -> str:
+    """From a prompt on a terminal, else the first line of stdin: never from argv."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if confirm and getpass.getpass("again: ") != first:
+            raise SystemExit("carina: the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _user_change(args, change, description: str, event_type=None) -> int:
+    from node.audit import events, messages
+    from node.users import UserError
+
+    settings = _settings(args)
+    db = _db(settings)
+    try:
+        change(settings, db)
+    except UserError as exc:
+        print(f"carina: {exc}", file=sys.stderr)
+        return 2
+    events.admin_action(_trail(settings, db), events.cli_actor(),
+                        event_type or messages.USER_SECURITY_ATTRIBUTES_CHANGED, events.user_object(args.name),
+                        description)
+    print(f"user {args.name!r}: {description}")
+    return 0
+
+
+def cmd_user_add(args) -> int:
+    from node.audit import messages
+    from node.users import add_user
+
+    password = _read_password(confirm=True)
+    return _user_change(args, lambda st, db: add_user(db, args.name, args.role, password,
+                                                      min_length=st.security.password_min_length),
+                        f"created with role {args.role}", messages.SECURITY_ROLES_CHANGED)
+
+
+def cmd_user_passwd(args) -> int:
+    from node.users import set_password
+
+    password = _read_password(confirm=True)
+    return _user_change(args, lambda st, db: set_password(db, args.name, password,
+                                                          min_length=st.security.password_min_length),
+                        "password changed; sessions ended")
+
+
+def cmd_user_disable(args) -> int:
+    from node.users import set_disabled
+
+    return _user_change(args, lambda st, db: set_disabled(db, args.name, True), "disabled; sessions ended")
+
+
+def cmd_user_enable(args) -> int:
+    from node.users import set_disabled
+
+    return _user_change(args, lambda st, db: set_disabled(db, args.name, False), "enabled")
+
+
+def cmd_user_role(args) -> int:
+    from node.audit import messages
+    from node.users import set_role
+
+    return _user_change(args, lambda st, db: set_role(db, args.name, args.role),
+                        f"role set to {args.role}; sessions ended", messages.SECURITY_ROLES_CHANGED)
+
+
+def cmd_user_list(args) -> int:
+    from node.users import list_users
+
+    print("name\trole\tcreated\tpassword changed\tstate")
+    for u in list_users(_db(_settings(args))):
+        state = "disabled" if u.disabled_at is not None else "active"
+        print("\t".join([u.name, u.role, _when(u.created_at), _when(u.password_changed_at), state]))
+    return 0
+
+
+# --- carina audit: the audit trail -------------------------------------------------------------
+
+
+def cmd_audit_verify(args) -> int:
+    settings = _settings(args)
+    result = _trail(settings, _db(settings)).verify()
+    if not result.ok:
+        print(f"audit trail BROKEN at {result.first_break} ({result.records} records)")
+        return 1
+    print(f"audit trail intact: {result.records} records, head {result.head_seq} {result.head_hash}")
+    return 0
+
+
+def cmd_audit_export(args) -> int:
+    from node.api.admin import parse_when
+    from node.audit import events, messages
+    from node.audit.trail import to_csv
+
+    settings = _settings(args)
+    db = _db(settings)
+    trail = _trail(settings, db)
+    try:
+        since, until = parse_when(args.since, "--since"), parse_when(args.until, "--until")
+    except Exception as exc:
+        print(f"carina: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+        return 2
+    records = trail.records(since=since, until=until, patient_id=args.patient)
+    sys.stdout.write(to_csv(records))
+    query = f"since={args.since}" + (f"&until={args.until}" if args.until else "") + \
+        (f"&patient={args.patient}" if args.patient else "")
+    pairs = sorted({(p, "") for r in records for p in messages.patient_ids_in(r.xml)})
+    events.exported(trail, events.cli_actor(), "audit-export.csv", pairs, query)
     return 0
 
 
@@ -67,10 +236,42 @@ def cmd_jobs_list(args) -> int:
 
 
 def cmd_jobs_retry(args) -> int:
+    from node.audit import events, messages
     from node.jobs import requeue_dead
 
-    count = requeue_dead(_db(_settings(args)), args.ids or None)
+    settings = _settings(args)
+    db = _db(settings)
+    count = requeue_dead(db, args.ids or None)
+    target = events.job_object(args.ids[0]) if len(args.ids) == 1 else \
+        messages.ParticipantObject("jobs:" + (",".join(map(str, args.ids)) or "all-dead"), messages.URI, 2, 20)
+    events.admin_action(_trail(settings, db), events.cli_actor(), messages.USE_OF_RESTRICTED_FUNCTION, target,
+                        f"re-queued {count} dead-letter job(s)")
     print(f"re-queued {count} dead-letter job(s)")
+    return 0
+
+
+def cmd_jobs_show(args) -> int:
+    """One job with the full text of each failed attempt (may quote a peer: PHI)."""
+    from sqlalchemy import select
+
+    from node.audit import events
+    from node.db import Job, JobError, Study
+
+    settings = _settings(args)
+    db = _db(settings)
+    with db.session() as s:
+        job = s.get(Job, args.id)
+        if job is None:
+            print(f"carina: no job {args.id}", file=sys.stderr)
+            return 2
+        study = s.get(Study, job.study_id)
+        print(f"job {job.id}: {job.stage} {job.destination or '-'} study={job.study_id} v{job.study_version} "
+              f"{job.state} attempts={job.attempts}")
+        print(f"last error: {job.last_error or '-'}")
+        for e in s.scalars(select(JobError).where(JobError.job_id == job.id).order_by(JobError.id)):
+            print(f"--- attempt {e.attempt} at {_when(e.at)}: {e.summary}\n{e.detail}")
+        pair = (study.patient_id, study.study_uid) if study else ("", "")
+    events.record_read(_trail(settings, db), events.cli_actor(), f"carina jobs show {args.id}", [pair])
     return 0
 
 
@@ -95,12 +296,24 @@ def cmd_model_import(args) -> int:
     except RegistryError as exc:
         print(f"carina: model import refused: {exc}", file=sys.stderr)
         return 2
+    if args.activate:
+        _audit_activation(args, entry.ref, None, imported=True)
     print(f"imported {entry.ref}: {entry.weights} (source SHA-256 {entry.meta['source_sha256']})")
     if args.activate:
         print(f"{entry.ref} is now active; a running node switches to it within inference.model_poll_seconds")
     else:
         print(f"activate it with: carina model activate {entry.ref}")
     return 0
+
+
+def _audit_activation(args, ref: str, previous: str | None, imported: bool = False) -> None:
+    from node.audit import events, messages
+
+    settings = _settings(args)
+    db = _db(settings)
+    what = ("imported and activated" if imported else "activated") + (f" (was {previous})" if previous else "")
+    events.admin_action(_trail(settings, db), events.cli_actor(), messages.SOFTWARE_CONFIGURATION,
+                        events.model_object(ref), what)
 
 
 def cmd_model_list(args) -> int:
@@ -141,6 +354,7 @@ def cmd_model_activate(args) -> int:
     except RegistryError as exc:
         print(f"carina: {exc}", file=sys.stderr)
         return 2
+    _audit_activation(args, entry.ref, previous)
     note = " — DEMO WEIGHTS, NOT FOR CLINICAL USE" if entry.demo else ""
     print(f"active: {entry.ref}{note} (was {previous or 'none'}); "
           "a running node switches within inference.model_poll_seconds")
@@ -159,11 +373,47 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the node (DICOM SCP, pipeline, HTTP API)")
     serve.set_defaults(func=cmd_serve)
 
+    from node.api.policy import USER_ROLES, Role
+
     token = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
     create = token.add_parser("create", parents=[common], help="create a bearer token (printed once, last line)")
     create.add_argument("--name", required=True)
-    create.add_argument("--role", default="integration", choices=["integration", "admin", "viewer"])
+    create.add_argument("--role", default="integration", choices=[r.value for r in Role])
+    create.add_argument("--expires-days", type=float, default=None,
+                        help="lifetime in days (default security.token_default_days; at most security.token_max_days)")
     create.set_defaults(func=cmd_token_create)
+    tl = token.add_parser("list", parents=[common], help="list tokens: role, expiry, last use, state")
+    tl.set_defaults(func=cmd_token_list)
+    tr = token.add_parser("revoke", parents=[common], help="revoke a token at once")
+    tr.add_argument("name")
+    tr.set_defaults(func=cmd_token_revoke)
+
+    user = sub.add_parser("user", help="people who log in to the web UI").add_subparsers(dest="action", required=True)
+    ua = user.add_parser("add", parents=[common], help="add a user; the password comes from a prompt or stdin")
+    ua.add_argument("name")
+    ua.add_argument("--role", required=True, choices=[r.value for r in USER_ROLES])
+    ua.set_defaults(func=cmd_user_add)
+    ul = user.add_parser("list", parents=[common], help="list users")
+    ul.set_defaults(func=cmd_user_list)
+    for name, func, text in (("disable", cmd_user_disable, "disable a user and end their sessions"),
+                             ("enable", cmd_user_enable, "enable a disabled user"),
+                             ("passwd", cmd_user_passwd, "set a user's password (prompt or stdin)")):
+        p = user.add_parser(name, parents=[common], help=text)
+        p.add_argument("name")
+        p.set_defaults(func=func)
+    ur = user.add_parser("role", parents=[common], help="change a user's role")
+    ur.add_argument("name")
+    ur.add_argument("--role", required=True, choices=[r.value for r in USER_ROLES])
+    ur.set_defaults(func=cmd_user_role)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="action", required=True)
+    av = audit.add_parser("verify", parents=[common], help="check the hash chain; exit 1 naming the first broken record")
+    av.set_defaults(func=cmd_audit_verify)
+    ae = audit.add_parser("export", parents=[common], help="CSV of audit records: who saw which patient, and when")
+    ae.add_argument("--since", required=True, help="YYYY-MM-DD or an ISO 8601 date-time (UTC unless stated)")
+    ae.add_argument("--until", default=None)
+    ae.add_argument("--patient", default=None, help="only records naming this patient ID")
+    ae.set_defaults(func=cmd_audit_export)
 
     jobs = sub.add_parser("jobs", help="pipeline jobs").add_subparsers(dest="action", required=True)
     jl = jobs.add_parser("list", parents=[common], help="list jobs")
@@ -172,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     jr = jobs.add_parser("retry", parents=[common], help="re-queue dead-letter jobs (all, or the given ids)")
     jr.add_argument("ids", nargs="*", type=int)
     jr.set_defaults(func=cmd_jobs_retry)
+    js = jobs.add_parser("show", parents=[common], help="one job with the full error text of each attempt (PHI)")
+    js.add_argument("id", type=int)
+    js.set_defaults(func=cmd_jobs_show)
 
     model = sub.add_parser("model", help="model registry: import, list, activate").add_subparsers(dest="action", required=True)
     mi = model.add_parser("import", parents=[common],

@@ -31,6 +31,15 @@ def _ae_title(value: str) -> str:
     return value
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        raise ValueError("must be the NAME of an environment variable (letters, digits, underscore), not a secret")
+    return value
+
+
 class StorageSettings(_Strict):
     data_dir: Path = Path("var")
     # Below this many free MiB the SCP answers 0xA700 instead of accepting.
@@ -125,9 +134,33 @@ class DicomSettings(_Strict):
         return self.max_inflated_mb * 2**20
 
 
+class ApiTlsSettings(_Strict):
+    """HTTPS served by uvicorn itself. Without it, run Carina behind a TLS reverse
+    proxy (docs/security.md) and set `security.assume_https`."""
+
+    certfile: Path | None = None  # PEM certificate (chain); setting it turns TLS on
+    keyfile: Path | None = None  # PEM private key
+    # Name of the environment variable holding the key's passphrase, if it has one.
+    keyfile_password_env: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+    @field_validator("keyfile_password_env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        return None if v is None else _env_name(v)
+
+
 class ApiSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    tls: ApiTlsSettings = Field(default_factory=ApiTlsSettings)
+    # Reverse proxies whose X-Forwarded-For/-Proto are believed (uvicorn's
+    # forwarded_allow_ips); empty believes none, so the client address in the
+    # audit trail and the rate limits is the TCP peer.
+    trusted_proxies: list[str] = Field(default_factory=list)
     # Patient identifiers in FHIR use this system; the value is the DICOM PatientID.
     patient_identifier_system: str = "urn:oid:1.2.826.0.1.3680043.10.1249.1"
     # Absolute base URL for links in FHIR bundles; empty derives it from the request.
@@ -218,15 +251,6 @@ class DicomDestination(_Strict):
     tls: DestinationTls | None = None
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
-
-
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _env_name(value: str) -> str:
-    if not _ENV_NAME.match(value):
-        raise ValueError("must be the NAME of an environment variable (letters, digits, underscore), not a secret")
-    return value
 
 
 class BearerAuth(_Strict):
@@ -356,6 +380,55 @@ class OutputSettings(_Strict):
         return value
 
 
+class RateLimit(_Strict):
+    """At most `requests` in any `per_seconds` window; beyond that 429 with Retry-After."""
+
+    requests: int = Field(ge=1)
+    per_seconds: float = Field(gt=0)
+
+
+class SecuritySettings(_Strict):
+    """Web sessions, tokens, passwords and rate limits (node/api/)."""
+
+    session_idle_minutes: float = Field(default=30, gt=0)
+    session_max_hours: float = Field(default=12, gt=0)
+    token_default_days: int = Field(default=90, ge=1)
+    token_max_days: int = Field(default=365, ge=1)
+    password_min_length: int = Field(default=12, ge=8)
+    # True when a TLS-terminating reverse proxy serves Carina: cookies get
+    # Secure and responses HSTS, as with api.tls.
+    assume_https: bool = False
+    hsts_max_age_seconds: int = Field(default=31536000, ge=0)
+    # Per client address and, separately, per user name.
+    login_rate: RateLimit = Field(default_factory=lambda: RateLimit(requests=10, per_seconds=300))
+    # Per token or user.
+    predict_rate: RateLimit = Field(default_factory=lambda: RateLimit(requests=120, per_seconds=60))
+
+
+class SyslogSettings(_Strict):
+    """Forward every audit record to a syslog collector (RFC 5424 over TCP,
+    octet-counting framing of RFC 5425/6587; TLS optional)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=6514, ge=1, le=65535)
+    tls: bool = False
+    ca_file: Path | None = None  # verify the collector against this CA (else the system store)
+    certfile: Path | None = None  # client certificate, if the collector asks for one
+    keyfile: Path | None = None
+    app_name: str = "carina"
+    reconnect_seconds: float = Field(default=5.0, gt=0)
+
+
+class AuditSettings(_Strict):
+    """The audit trail (node/audit/): DICOM audit messages in the database, hash-chained."""
+
+    # AuditSourceID of every message; empty: carina@<hostname>.
+    source_id: str = ""
+    enterprise_site_id: str = ""
+    syslog: SyslogSettings = Field(default_factory=SyslogSettings)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CARINA_", env_nested_delimiter="__", extra="forbid")
 
@@ -370,6 +443,8 @@ class Settings(BaseSettings):
     triage: TriageSettings = Field(default_factory=TriageSettings)
     hl7_listener: Hl7ListenerSettings = Field(default_factory=Hl7ListenerSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @field_validator("destinations")
     @classmethod

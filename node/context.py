@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from node.audit.trail import AuditTrail
 from node.config import Settings
 from node.db import Database
 
@@ -17,6 +18,10 @@ if TYPE_CHECKING:  # both pull in torch; the CLI and the API must start without 
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def trail_for(settings: Settings, db: Database) -> AuditTrail:
+    return AuditTrail(db, source_id=settings.audit.source_id, enterprise_site_id=settings.audit.enterprise_site_id)
 
 
 @dataclass
@@ -35,6 +40,12 @@ class NodeContext:
     models: ModelManager | None = None
     # When a scored study is issued; tests fix it to pin outputs byte for byte.
     clock: Callable[[], dt.datetime] = utc_now
+    # The audit trail (node/audit/); built from settings.audit unless given.
+    audit: AuditTrail | None = None
+
+    def __post_init__(self) -> None:
+        if self.audit is None:
+            self.audit = trail_for(self.settings, self.db)
 
     @property
     def model_info(self) -> ModelInfo | None:

@@ -245,16 +245,123 @@ class InboundPatient(Base):
 
 
 class ApiToken(Base):
-    """Bearer tokens; only the SHA-256 of the secret is ever stored."""
+    """Bearer tokens; only the SHA-256 of the secret is ever stored.
+
+    A token without `expires_at` (made before tokens expired) is refused:
+    re-issue it with `carina token create --expires-days`."""
 
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    role: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str] = mapped_column(String(32))  # node.api.policy.Role
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Updated at most once a minute (node/api/auth.py), so reads stay reads.
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class User(Base):
+    """A person who logs in to the web UI. Only an argon2id hash of the password is stored."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(32))  # node.api.policy.Role
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    password_changed_at: Mapped[float] = mapped_column(Float, default=now)
+    disabled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WebSession(Base):
+    """A browser login. The cookie carries a random secret; only its SHA-256 is stored."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    last_seen_at: Mapped[float] = mapped_column(Float, default=now)
+    expires_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobError(Base):
+    """The full text of one failed job attempt. It may quote a peer (an EHR's
+    OperationOutcome echoing a patient name), so it is kept out of `Job.last_error`,
+    the log and every non-admin API field; admins read it at /api/v1/jobs/{id}."""
+
+    __tablename__ = "job_errors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float, default=now)
+    summary: Mapped[str] = mapped_column(Text)  # = Job.last_error at the time: class and code, no PHI
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditRecord(Base):
+    """One DICOM audit message (PS3.15 A.5), append-only, in a hash chain.
+
+    `hash` is SHA-256 over `prev_hash` and every other column (node/audit/trail.py),
+    so an edited or deleted record breaks the chain at that record; the listing
+    columns are copies of values in `xml` and are covered by the hash too."""
+
+    __tablename__ = "audit_records"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    recorded_at: Mapped[float] = mapped_column(Float, index=True)
+    event_id: Mapped[str] = mapped_column(String(16))  # DCM code, e.g. 110110 Patient Record
+    event_type: Mapped[str] = mapped_column(String(16), default="")  # DCM code, e.g. 110122 Login
+    action: Mapped[str] = mapped_column(String(1), default="")  # C R U D E
+    outcome: Mapped[int] = mapped_column(Integer)  # 0 4 8 12
+    user_id: Mapped[str] = mapped_column(String(128), default="")  # the requesting participant
+    role: Mapped[str] = mapped_column(String(32), default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
+    xml: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditPatient(Base):
+    """Index: which patients one audit record names (its patient participant objects).
+    `carina audit verify` re-derives it from the record's XML, so editing it is detected."""
+
+    __tablename__ = "audit_patients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    record_seq: Mapped[int] = mapped_column(ForeignKey("audit_records.seq"), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+
+
+class AuditHead(Base):
+    """The chain's last (seq, hash), one row. Appenders lock it, which serialises
+    appends across threads and processes; verify compares it with the last record,
+    so a truncated tail is detected too."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditForwarding(Base):
+    """How far each syslog target has received the chain (at-least-once, in order)."""
+
+    __tablename__ = "audit_forwarding"
+
+    target: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
 def _tune_sqlite(engine: Engine) -> None:
@@ -279,6 +386,24 @@ def _tune_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Additive migration: a nullable column added to a model after its table was
+    created is added to the table. Nothing is ever dropped or altered."""
+    from sqlalchemy import inspect
+
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        existing_tables = set(inspector.get_table_names())
+        for table in Base.metadata.sorted_tables:
+            if table.name not in existing_tables:
+                continue
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+
+
 class Database:
     def __init__(self, url: str):
         parsed = make_url(url)
@@ -286,14 +411,17 @@ class Database:
         if self.is_sqlite:
             if parsed.database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            # hide_parameters: an error message must never carry a PatientID or name into a log.
+            self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                        hide_parameters=True)
             _tune_sqlite(self.engine)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -15,17 +15,30 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.db import Database, Job, now
+from node.db import Database, Job, JobError, now
 from node.states import JobState, Stage
 
 STAGES = tuple(Stage)
 
 
-class RetryableError(Exception):
+class StageError(Exception):
+    """A stage failed. `code` is what `Job.last_error`, the log and the API show:
+    PHI-free by construction (a destination name, a status code, an exception
+    class). `detail` is the full text, which may quote a peer (an EHR's
+    OperationOutcome echoing a patient's name); it goes only to the job's
+    error rows (`job_errors`), which admins read."""
+
+    def __init__(self, code: str, detail: str = ""):
+        super().__init__(code)
+        self.code = code
+        self.detail = detail or code
+
+
+class RetryableError(StageError):
     """Try again later (peer down, transient I/O)."""
 
 
-class PermanentError(Exception):
+class PermanentError(StageError):
     """Retrying cannot help (undecodable input, refused by peer): dead-letter now."""
 
 
@@ -129,8 +142,10 @@ def succeed(db: Database, job: Job) -> bool:
         return row is not None and row.state == JobState.DONE and row.lease_owner == job.lease_owner
 
 
-def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: int, backoff: Backoff) -> JobState:
-    """Record a failure; returns the new state (PENDING or DEAD)."""
+def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: int, backoff: Backoff,
+         detail: str = "") -> JobState:
+    """Record a failure; returns the new state (PENDING or DEAD). `error` must be
+    PHI-free (it is shown everywhere); `detail` (admins only) may be anything."""
     dead = not retryable or job.attempts >= max_attempts
     values = {"last_error": error[:4000], "lease_until": 0.0}
     if dead:
@@ -138,7 +153,8 @@ def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: i
     else:
         values.update(state=JobState.PENDING, run_after=now() + backoff.delay(job.attempts))
     with db.session() as s:
-        s.execute(update(Job).where(_owned(job)).values(**values))
+        if s.execute(update(Job).where(_owned(job)).values(**values)).rowcount == 1:
+            s.add(JobError(job_id=job.id, attempt=job.attempts, summary=error[:4000], detail=(detail or error)[:20000]))
     return values["state"]
 
 

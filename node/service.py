@@ -16,6 +16,8 @@ from dicom_scp.peers import Peer, PeerPolicy
 from dicom_scp.scp import StorageSCP
 from dicom_scp.tls import TlsListener, server_context
 from node.api.app import create_app
+from node.audit import events
+from node.audit.associations import association_auditor
 from node.completion import complete_quiet_studies
 from node.config import ConfigError, Settings, check_serve
 from node.context import NodeContext
@@ -116,8 +118,16 @@ class Node:
         self.scheduler: BackgroundScheduler | None = None
         self.workers: WorkerPool | None = None
         self.hl7_listener = None  # node.mllp_listener.MllpListener when hl7_listener.enabled
-        # Receives one AssociationEvent per inbound association outcome (dicom_scp/events.py).
-        self.on_association = log_association
+        self.syslog = None  # node.audit.syslog.SyslogForwarder when audit.syslog.enabled
+        # The SCP's on_association callback (dicom_scp/events.py): one audit record
+        # per inbound association, and a log line for those that were aborted.
+        audit = association_auditor(self.ctx.db, self.ctx.audit, settings.dicom.ae_title)
+
+        def on_association(event: AssociationEvent) -> None:
+            log_association(event)
+            audit(event)
+
+        self.on_association = on_association
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -129,6 +139,11 @@ class Node:
         with ctx.db.session() as session:  # FHIR resources stored before the search index existed
             reindex_missing(session)
         ctx.ready["db"] = True
+        if s.audit.syslog.enabled:
+            from node.audit.syslog import SyslogForwarder
+
+            self.syslog = SyslogForwarder(ctx.audit, s.audit.syslog).start()
+        events.application(ctx.audit, started=True)
         if s.hl7_listener.enabled:
             from node.mllp_listener import MllpListener
 
@@ -182,7 +197,33 @@ class Node:
             self.workers.stop()
         if self.ctx.models:
             self.ctx.models.stop()  # after the workers: they may be waiting on a batch
+        try:
+            events.application(self.ctx.audit, started=False)
+        except Exception as exc:
+            log.error("could not record the node's stop in the audit trail: %s", type(exc).__name__)
+        if self.syslog:
+            self.syslog.stop()
         self.ctx.db.dispose()
+
+
+def http_config(app, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings: TLS from api.tls, forwarded headers only from api.trusted_proxies.
+
+    No access log: request lines carry FHIR search parameters (patient identifiers);
+    who asked for what is in the audit trail instead."""
+    api = settings.api
+    tls = {}
+    if api.tls.enabled:
+        import os
+
+        tls = {"ssl_certfile": str(api.tls.certfile), "ssl_keyfile": str(api.tls.keyfile) if api.tls.keyfile else None}
+        if api.tls.keyfile_password_env:
+            tls["ssl_keyfile_password"] = os.environ.get(api.tls.keyfile_password_env)
+    return uvicorn.Config(
+        app, host=api.host, port=api.port, log_config=None, access_log=False,
+        proxy_headers=bool(api.trusted_proxies), forwarded_allow_ips=list(api.trusted_proxies) or None,
+        server_header=False, **tls,
+    )
 
 
 def serve(settings: Settings) -> None:
@@ -190,7 +231,6 @@ def serve(settings: Settings) -> None:
     node = Node(settings)
     node.start()
     try:
-        config = uvicorn.Config(create_app(node.ctx), host=settings.api.host, port=settings.api.port, log_config=None, access_log=False)
-        uvicorn.Server(config).run()
+        uvicorn.Server(http_config(create_app(node.ctx), settings)).run()
     finally:
         node.stop()

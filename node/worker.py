@@ -64,20 +64,25 @@ def run_one(ctx: NodeContext, owner: str) -> bool:
     except LeaseLost as exc:
         log.warning("%s; outcome left to the new owner", exc)
     except PermanentError as exc:
-        _settle_failure(ctx, job, str(exc), retryable=False, backoff=backoff)
+        _settle_failure(ctx, job, exc.code, exc.detail, retryable=False, backoff=backoff)
     except RetryableError as exc:
-        _settle_failure(ctx, job, str(exc), retryable=True, backoff=backoff)
+        _settle_failure(ctx, job, exc.code, exc.detail, retryable=True, backoff=backoff)
     except Exception as exc:  # unknown: retry, the backoff and max attempts bound it
-        log.error("job %d (%s) crashed:\n%s", job.id, job.stage, traceback.format_exc())
-        _settle_failure(ctx, job, f"{type(exc).__name__}: {exc}", retryable=True, backoff=backoff)
+        # The log gets the class and the frames, never the message: an exception's
+        # text may quote patient data. The full text is kept for admins (job_errors).
+        log.error("job %d (%s) crashed: %s\n%s", job.id, job.stage, type(exc).__name__,
+                  "".join(traceback.format_tb(exc.__traceback__)))
+        _settle_failure(ctx, job, f"{job.stage} crashed: {type(exc).__name__}", traceback.format_exc(),
+                        retryable=True, backoff=backoff)
     else:
         if not succeed(ctx.db, job):
             log.warning("job %d finished after its lease was taken over; outcome left to the new owner", job.id)
     return True
 
 
-def _settle_failure(ctx: NodeContext, job: Job, error: str, *, retryable: bool, backoff: Backoff) -> None:
-    state = fail(ctx.db, job, error, retryable=retryable, max_attempts=ctx.settings.pipeline.max_attempts, backoff=backoff)
+def _settle_failure(ctx: NodeContext, job: Job, error: str, detail: str, *, retryable: bool, backoff: Backoff) -> None:
+    state = fail(ctx.db, job, error, retryable=retryable, max_attempts=ctx.settings.pipeline.max_attempts,
+                 backoff=backoff, detail=detail)
     log.warning("job %d (%s%s) attempt %d failed -> %s: %s", job.id, job.stage,
                 f" to {job.destination}" if job.destination else "", job.attempts, state, error)
     if state == JobState.DEAD and job.stage in (Stage.INFER, Stage.ENCODE):

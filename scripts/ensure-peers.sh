@@ -11,6 +11,9 @@ command -v ojph_compress >/dev/null || need+=(openjph-tools)  # HTJ2K test varia
 command -v node     >/dev/null || need+=(nodejs)  # runs OHIF's own SR/SEG code (tests/js)
 command -v npm      >/dev/null || need+=(npm)
 command -v chromium >/dev/null || need+=(chromium)  # the UI test drives Debian's Chromium; never `playwright install`
+# The audit trail's syslog collector, plain TCP and TLS (rsyslog's OpenSSL stream driver).
+command -v rsyslogd >/dev/null || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
+compgen -G '/usr/lib/*/rsyslog/lmnsd_ossl.so' >/dev/null || need+=(rsyslog-openssl)
 # PostgreSQL: the machine's server on 127.0.0.1:5432 when one answers; otherwise
 # the tests build a throwaway cluster (tests/postgres_peer.py) from Debian's binaries.
 if ! timeout 5 bash -c '</dev/tcp/127.0.0.1/5432' 2>/dev/null && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then

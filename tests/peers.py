@@ -139,7 +139,7 @@ class Orthanc:
         self.binary = require_tool("Orthanc")
         self.workdir = Path(workdir)
         self.ae_title = ae_title
-        self.extra_config = extra_config or {}  # e.g. the DicomTls* options
+        self.extra_config = extra_config or {}  # Orthanc configuration keys to add or override
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -162,8 +162,7 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "Plugins": [],
             "LuaScripts": [str(self._write_reception_hook())],
-            **self.extra_config,
-        }
+        } | self.extra_config
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config))
         self.log = open(self.workdir / "orthanc.log", "ab")
@@ -274,16 +273,21 @@ class CarinaNode:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def carina(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def carina(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "node.cli", *args, "--config", str(self.config_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.workdir, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.workdir, timeout=120, input=input)
         if check:
             assert proc.returncode == 0, f"carina {' '.join(args)} failed: {proc.stderr}"
         return proc
 
-    def create_token(self, name: str = "tests", role: str = "integration") -> str:
+    def create_token(self, name: str = "tests", role: str = "admin") -> str:
+        """A bearer token; admin by default, since the tests read studies and jobs as an operator."""
         self.token = self.carina("token", "create", "--name", name, "--role", role).stdout.strip().splitlines()[-1]
         return self.token
+
+    def create_user(self, name: str, role: str, password: str) -> None:
+        """A UI user; the password goes in on stdin, as `carina user add` reads it."""
+        self.carina("user", "add", name, "--role", role, input=password + "\n")
 
     def start(self, wait_ready: bool = True) -> "CarinaNode":
         self.log = open(self.workdir / "carina.log", "ab")

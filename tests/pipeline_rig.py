@@ -149,5 +149,12 @@ class PipelineRig:
         raise AssertionError(f"deliveries not settled after {timeout}s: "
                              f"{[(j.destination, j.state, j.last_error) for j in self.deliveries(study_id).values()]}")
 
+    def error_detail(self, job: Job) -> str:
+        """The full text of a job's failed attempts (node/jobs.py StageError.detail), as admins read it."""
+        from node.db import JobError
+
+        with self.db.session() as s:
+            return "\n".join(s.scalars(select(JobError.detail).where(JobError.job_id == job.id).order_by(JobError.id)))
+
     def close(self) -> None:
         self.db.dispose()

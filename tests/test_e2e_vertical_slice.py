@@ -164,7 +164,9 @@ def test_api_requires_a_token_and_shows_study_state(loop):
 
 
 def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
-    """The operator UI in Debian's Chromium (Playwright drives it; no browser download)."""
+    """The operator UI in Debian's Chromium (Playwright drives it; no browser download):
+    log in as a viewer, see the study's findings under the CSP, log out; then an admin's
+    audit page shows that viewer's read of the patient's study."""
     from peers import require_tool
     from playwright.sync_api import expect, sync_playwright
 
@@ -179,10 +181,18 @@ def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
         )
         try:
             page = browser.new_page()
+            violations = []  # the CSP forbids inline scripts and styles; the UI must need none
+            page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+            node.create_user("reader", "viewer", "a long enough passphrase")
             page.goto(node.url)
+            page.wait_for_url("**/login")  # no session yet: the UI sends the browser to log in
+            page.fill("#username", "reader")
+            page.fill("#password", "a long enough passphrase")
+            page.click("#login-button")
+            page.wait_for_url(node.url + "/")
             expect(page.locator("#demo-banner")).to_have_text(DEMO_WARNING)
-            page.fill("#token", node.token)
-            page.click("#save-token")
+            expect(page.locator("#who")).to_have_text("reader (viewer)")
+            expect(page.locator("#audit-link")).to_be_hidden()  # admins only
             row = page.locator(f"tr.study[data-uid='{dx_uid}']")
             expect(row).to_contain_text("done")
             row.click()
@@ -191,5 +201,25 @@ def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
             expect(page.locator("#detail-findings tr")).to_have_count(14)
             expect(page.locator("#detail-deliveries")).to_contain_text("pacs: done")
             page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
+            cookie = next(c for c in page.context.cookies() if c["name"] == "carina_session")
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            page.click("#logout")  # a DELETE with the CSRF token; the session ends
+            page.wait_for_url("**/login")
+
+            # An admin asks the audit page who saw this patient: the viewer above, just now.
+            node.create_user("officer", "admin", "another long passphrase")
+            page.fill("#username", "officer")
+            page.fill("#password", "another long passphrase")
+            page.click("#login-button")
+            page.wait_for_url(node.url + "/")
+            page.click("#audit-link")
+            page.wait_for_url("**/audit")
+            page.fill("#patient", studies["dx"].PatientID)
+            page.click("#search")
+            viewed = page.locator("tr.audit-record", has_text="110110 Patient Record").filter(has_text="reader")
+            expect(viewed.first).to_be_visible()
+            expect(page.locator("#chain")).to_contain_text("Hash chain intact")
+            page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
+            assert violations == []
         finally:
             browser.close()

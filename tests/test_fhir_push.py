@@ -153,7 +153,9 @@ def test_client_error_goes_to_dead_letter_with_the_servers_text(tmp_path, server
     rig.encode(study_id)
     job = rig.run_deliveries(study_id)["ehr"]
     assert (job.state, job.attempts) == ("dead", 1)  # 4xx: no retry
-    assert "HTTP 422" in job.last_error and "patient CARINA-TEST-001 is unknown here" in job.last_error
+    # The server's text echoes a patient: kept for admins in the job's error detail, never in last_error.
+    assert "HTTP 422" in job.last_error and "CARINA-TEST-001" not in job.last_error
+    assert "patient CARINA-TEST-001 is unknown here" in rig.error_detail(job)
     assert server.store == {}
     rig.close()
 
@@ -173,7 +175,7 @@ def test_authentication_from_the_environment(tmp_path, server, monkeypatch):
     rig.encode(study_id)
     monkeypatch.setenv(TOKEN_ENV, "not-the-token")
     job = rig.run_deliveries(study_id)["ehr"]
-    assert job.state == "dead" and "HTTP 401" in job.last_error and "authentication required" in job.last_error
+    assert job.state == "dead" and "HTTP 401" in job.last_error and "authentication required" in rig.error_detail(job)
     rig.close()
 
 

@@ -124,9 +124,13 @@ def test_hl7_push_ae_then_aa(running):
 def test_hl7_push_ar_goes_to_dead_letter(running):
     delivery = _delivery(running["view"], "ris-reject")
     assert (delivery["state"], delivery["attempts"]) == ("dead", 1)
-    assert REJECT in delivery["last_error"] and "AR" in delivery["last_error"]
+    # The RIS's MSA-3 text stays out of last_error (it may name the patient); admins read it in the job detail.
+    assert "AR" in delivery["last_error"] and REJECT not in delivery["last_error"]
     jobs = running["node"].carina("jobs", "list").stdout
-    assert "ris-reject" in jobs
+    assert "ris-reject" in jobs and REJECT not in jobs
+    job_id = next(j["id"] for j in running["view"]["jobs"] if j["destination"] == "ris-reject")
+    detail = running["node"].api(f"/api/v1/jobs/{job_id}")
+    assert any(REJECT in e["detail"] for e in detail["errors"])
 
 
 def test_ehr_pulls_the_same_report_from_the_node(running):

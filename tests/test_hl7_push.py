@@ -86,7 +86,9 @@ def test_ar_goes_to_dead_letter_with_msa3(tmp_path, peer_factory):
     rig.encode(study_id)
     job = rig.run_deliveries(study_id)["ris"]
     assert (job.state, job.attempts) == ("dead", 1)  # no retry after AR
-    assert "MSA-1 AR" in job.last_error and REJECT_TEXT in job.last_error
+    # MSA-3 is the receiver's free text: in the admin-only error detail, not in last_error.
+    assert "MSA-1 AR" in job.last_error and REJECT_TEXT not in job.last_error
+    assert REJECT_TEXT in rig.error_detail(job)
     assert [m["answered"] for m in peer.messages()] == ["AR"]
     assert peer.messages()[0]["tq1_priority"] == "R"  # nothing critical: routine
     rig.close()

@@ -1,4 +1,9 @@
-"""The HTTP face of the node: health, operator API, FHIR, and the web UI."""
+"""The HTTP face of the node: health, operator API, FHIR, and the web UI.
+
+Every route declares its access policy (node/api/policy.py); `check_policies`
+refuses to build an app with a route that does not. Every response carries
+the security headers of node/api/headers.py.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,23 +12,35 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from node.api import studies
+from node.api import admin, sessions, studies
 from node.api.fhir_routes import router as fhir_router
+from node.api.headers import SecurityHeaders
+from node.api.policy import Permission, check_policies, mount_public, public, require
 from node.api.predict import router as predict_router
 from node.context import NodeContext
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+OPENAPI_PATH = "/api/openapi.json"
 
 
 def create_app(ctx: NodeContext) -> FastAPI:
-    app = FastAPI(title="Carina", version="0.1.0", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # No Swagger/ReDoc pages: they load scripts from a CDN and inline, which the
+    # CSP forbids (and the node has no network). The schema itself needs a login.
+    app = FastAPI(title="Carina", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.node = ctx
+    app.include_router(sessions.router)
     app.include_router(studies.router)
+    app.include_router(admin.router)
     app.include_router(fhir_router)
     app.include_router(predict_router)  # POST /api/v1/predict
-    app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
+    mount_public(app, "/ui", StaticFiles(directory=UI_DIR), "ui", "the web UI's scripts and styles; no patient data")
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get(OPENAPI_PATH, include_in_schema=False, dependencies=[require(Permission.SESSION)])
+    def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.get("/healthz", include_in_schema=False,
+             dependencies=[public("probed by load balancers and monitoring; no patient data")])
     def healthz(request: Request):
         node: NodeContext = request.app.state.node
         parts = dict(node.ready)
@@ -34,8 +51,21 @@ def create_app(ctx: NodeContext) -> FastAPI:
             body["model"] = {"name": info.name, "version": info.version, "demo": info.demo, "caveat": info.caveat}
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", include_in_schema=False, dependencies=[public("the UI shell; it loads data only after login")])
     def index():
         return FileResponse(UI_DIR / "index.html")
 
+    @app.get("/login", include_in_schema=False, dependencies=[public("the login page")])
+    def login_page():
+        return FileResponse(UI_DIR / "login.html")
+
+    @app.get("/audit", include_in_schema=False,
+             dependencies=[public("the audit page's shell; its data comes from the admin-only /api/v1/audit")])
+    def audit_page():
+        return FileResponse(UI_DIR / "audit.html")
+
+    settings = ctx.settings
+    app.add_middleware(SecurityHeaders, https=sessions.https(settings),
+                       hsts_max_age=settings.security.hsts_max_age_seconds)
+    check_policies(app)
     return app

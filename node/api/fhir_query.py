@@ -110,8 +110,9 @@ def parse_report_query(request: Request) -> ReportQuery:
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise FhirError(400, "invalid", f"{name}={value}: expected a non-negative integer")
+    # ASCII digits only ("²".isdigit() is true), and within a database integer.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise FhirError(400, "invalid", f"{name}={value}: expected a non-negative integer below 10^18")
     return int(value)
 
 

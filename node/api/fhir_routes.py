@@ -1,8 +1,10 @@
 """FHIR R4 REST handlers: capabilities, read, vread, history and DiagnosticReport search.
 
 Everything answers `application/fhir+json`; every error is an OperationOutcome.
-The router's own route class converts errors (including the 401s raised by
-`require_token`), so the API behaves the same in whatever app includes it.
+The router's own route class converts errors (including the 401/403 raised by
+the access policy, node/api/policy.py), so the API behaves the same in
+whatever app includes it. Every read and search is audited with the patients
+it returned (node/audit/events.py).
 What is supported is declared in node/api/fhir_capability.py; requests are
 parsed by node/api/fhir_query.py.
 """
@@ -12,15 +14,18 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import traceback
 from typing import Callable
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
 from node import fhir_store
-from node.api.auth import require_token
+from node.api.auth import actor
+from node.api.policy import Permission, public, require
+from node.audit import events
 from node.api.fhir_capability import READABLE_TYPES, FhirError, capability_statement
 from node.api.fhir_query import ReportQuery, lenient, page_links, parse_report_query, subset
 from node.db import FhirResource
@@ -56,14 +61,17 @@ class FhirRoute(APIRoute):
                 return outcome(exc.status_code, code, str(exc.detail), exc.headers)
             except RequestValidationError as exc:
                 return outcome(400, "invalid", str(exc.errors()))
-            except Exception:  # an EHR gets an OperationOutcome, the log gets the trace
-                log.exception("FHIR %s %s failed", request.method, request.url.path)
+            except Exception as exc:  # an EHR gets an OperationOutcome, the log gets the frames
+                # Class and frames only: an exception's message may quote patient data.
+                log.error("FHIR %s failed: %s\n%s", request.method, type(exc).__name__,
+                          "".join(traceback.format_tb(exc.__traceback__)))
                 return outcome(500, "exception", "internal error; see the node log")
 
         return fhir_handler
 
 
 router = APIRouter(prefix="/fhir", route_class=FhirRoute, tags=["fhir"])
+READ = require(Permission.READ_FHIR)
 
 
 def base_url(request: Request) -> str:
@@ -84,14 +92,14 @@ def _json(body: dict) -> Response:
 
 # --- capabilities --------------------------------------------------------------
 
-@router.get("/metadata")
+@router.get("/metadata", dependencies=[public("FHIR capability discovery; no patient data")])
 def metadata(request: Request) -> Response:
     # Public on purpose: clients discover the API (and that it wants a bearer
     # token) before authenticating; the statement holds no patient data.
     return _json(capability_statement(base_url(request)))
 
 
-@router.get("/DiagnosticReport", dependencies=[Depends(require_token)])
+@router.get("/DiagnosticReport", dependencies=[READ])
 def search_diagnostic_reports(request: Request) -> Response:
     query = parse_report_query(request)
     base = base_url(request)
@@ -100,6 +108,8 @@ def search_diagnostic_reports(request: Request) -> Response:
         total, rows = fhir_store.search(session, "DiagnosticReport", query.clauses, offset=query.offset, count=count)
         matches = [json.loads(row.body) for row in rows]
         included = _included(session, matches, query)
+    events.query(request.app.state.node.audit, actor(request), f"DiagnosticReport?{request.url.query}",
+                 _patients(request, matches + included))
 
     bundle = {
         "resourceType": "Bundle",
@@ -132,6 +142,25 @@ def _included(session, matches: list[dict], query: ReportQuery) -> list[dict]:
     return list(found.values())
 
 
+def _patients(request: Request, resources: list[dict]) -> list[tuple[str, str]]:
+    """(patient ID, "") for each resource that names a patient, for the audit trail."""
+    system = request.app.state.node.settings.api.patient_identifier_system
+    found = []
+    for resource in resources:
+        subject = ((resource.get("subject") or {}).get("identifier") or {}).get("value")
+        if subject:
+            found.append((subject, ""))
+        elif resource.get("resourceType") == "Patient":
+            found += [(i["value"], "") for i in resource.get("identifier") or []
+                      if i.get("system") == system and i.get("value")]
+    return found
+
+
+def _audit_read(request: Request, bodies: list[str]) -> None:
+    resources = [json.loads(body) for body in bodies]
+    events.record_read(request.app.state.node.audit, actor(request), request.url.path, _patients(request, resources))
+
+
 def _entry(base: str, resource: dict, mode: str) -> dict:
     return {
         "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
@@ -142,23 +171,24 @@ def _entry(base: str, resource: dict, mode: str) -> dict:
 
 # --- read / vread / history ----------------------------------------------------------
 
-@router.get("/{resource_type}", dependencies=[Depends(require_token)])
+@router.get("/{resource_type}", dependencies=[READ])
 def search_unsupported(resource_type: str) -> Response:
     _check_type(resource_type)
     raise FhirError(405, "not-supported", f"search is not supported on {resource_type}; see /fhir/metadata")
 
 
-@router.get("/{resource_type}/{resource_id}", dependencies=[Depends(require_token)])
+@router.get("/{resource_type}/{resource_id}", dependencies=[READ])
 def read(resource_type: str, resource_id: str, request: Request) -> Response:
     _check_type(resource_type)
     with _db(request).session() as session:
         row = fhir_store.read_current(session, resource_type, resource_id)
     if row is None:
         raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+    _audit_read(request, [row.body])
     return _resource_response(request, row)
 
 
-@router.get("/{resource_type}/{resource_id}/_history", dependencies=[Depends(require_token)])
+@router.get("/{resource_type}/{resource_id}/_history", dependencies=[READ])
 def history_instance(resource_type: str, resource_id: str, request: Request) -> Response:
     _check_type(resource_type)
     for name, _ in request.query_params.multi_items():
@@ -168,6 +198,7 @@ def history_instance(resource_type: str, resource_id: str, request: Request) -> 
         rows = fhir_store.history(session, resource_type, resource_id)
     if not rows:
         raise FhirError(404, "not-found", f"{resource_type}/{resource_id} is not known")
+    _audit_read(request, [row.body for row in rows])
     base = base_url(request)
     entries = []
     for row in rows:
@@ -196,15 +227,16 @@ def history_instance(resource_type: str, resource_id: str, request: Request) -> 
     return _json(bundle)
 
 
-@router.get("/{resource_type}/{resource_id}/_history/{version_id}", dependencies=[Depends(require_token)])
+@router.get("/{resource_type}/{resource_id}/_history/{version_id}", dependencies=[READ])
 def vread(resource_type: str, resource_id: str, version_id: str, request: Request) -> Response:
     _check_type(resource_type)
     row = None
-    if version_id.isdigit():
+    if version_id.isascii() and version_id.isdigit() and len(version_id) <= 18:
         with _db(request).session() as session:
             row = fhir_store.read_version(session, resource_type, resource_id, int(version_id))
     if row is None:
         raise FhirError(404, "not-found", f"{resource_type}/{resource_id}/_history/{version_id} is not known")
+    _audit_read(request, [row.body])
     return _resource_response(request, row)
 
 
@@ -228,7 +260,7 @@ def _resource_response(request: Request, row: FhirResource) -> Response:
 
 
 @router.api_route(
-    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=[Depends(require_token)]
+    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=[READ], include_in_schema=False
 )
 def not_served(path: str, request: Request) -> Response:
     """Anything else under /fhir still answers in FHIR: the API is read-only."""

@@ -1,16 +1,18 @@
 """`/api/v1`: the operator's view of studies and the pipeline."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from sqlalchemy import func, select
 
 from node import results
-from node.api.auth import require_token
+from node.api.auth import actor
+from node.api.policy import Permission, require
+from node.audit import events
 from node.db import Instance, Job, Output, Study
 from node.scored_study import ScoredStudy
 from node.states import JobState, Stage
 
-router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/api/v1", tags=["studies"])
 
 
 def _iso(t: float | None) -> str | None:
@@ -19,7 +21,8 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat()
 
 
-def _job_view(job: Job) -> dict:
+def job_view(job: Job) -> dict:
+    """A job as the API shows it; `last_error` is a class and a code, never a peer's text."""
     return {
         "id": job.id,
         "stage": job.stage,
@@ -96,20 +99,21 @@ def study_view(s, study: Study) -> dict:
              "next_attempt_at": _iso(j.run_after) if j.state == JobState.PENDING else None, "last_error": j.last_error or None}
             for name, j in latest.items()
         ],
-        "jobs": [_job_view(j) for j in jobs],
+        "jobs": [job_view(j) for j in jobs],
     }
 
 
-@router.get("/studies")
+@router.get("/studies", dependencies=[require(Permission.READ_STUDIES)])
 def list_studies(request: Request, state: str | None = None, limit: int = Query(50, ge=1, le=500)):
-    db = request.app.state.node.db
-    with db.session() as s:
+    node = request.app.state.node
+    with node.db.session() as s:
         stmt = select(Study).order_by(Study.last_received_at.desc()).limit(limit)
         if state:
             stmt = stmt.where(Study.state == state)
         studies = s.scalars(stmt).all()
         counts = dict(s.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-        return {
+        shown = [(st.patient_id, st.study_uid) for st in studies]
+        view = {
             "counts": counts,
             "studies": [
                 {
@@ -124,6 +128,9 @@ def list_studies(request: Request, state: str | None = None, limit: int = Query(
                 for st in studies
             ],
         }
+    # After the read transaction: the audit append is a write of its own.
+    events.query(node.audit, actor(request), f"studies?{request.url.query}", shown)
+    return view
 
 
 def _positives(s, study: Study) -> list[str]:
@@ -131,10 +138,10 @@ def _positives(s, study: Study) -> list[str]:
     return [] if scored is None else sorted(f.label for f in scored.positives)
 
 
-@router.get("/studies/{study_uid}")
+@router.get("/studies/{study_uid}", dependencies=[require(Permission.READ_STUDIES)])
 def get_study(request: Request, study_uid: str, calling_ae: str | None = None):
-    db = request.app.state.node.db
-    with db.session() as s:
+    node = request.app.state.node
+    with node.db.session() as s:
         stmt = select(Study).where(Study.study_uid == study_uid).order_by(Study.last_received_at.desc())
         if calling_ae:
             stmt = stmt.where(Study.calling_ae == calling_ae)
@@ -144,18 +151,6 @@ def get_study(request: Request, study_uid: str, calling_ae: str | None = None):
         view = study_view(s, studies[0])
         # Same UID from another sender is a different study; say so.
         view["other_routes"] = [st.calling_ae for st in studies[1:]]
-        return view
-
-
-@router.get("/jobs")
-def list_jobs(request: Request, state: str | None = None, stage: str | None = None, limit: int = Query(100, ge=1, le=1000)):
-    db = request.app.state.node.db
-    with db.session() as s:
-        stmt = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            stmt = stmt.where(Job.state == state)
-        if stage:
-            stmt = stmt.where(Job.stage == stage)
-        jobs = s.scalars(stmt).all()
-        backlog = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        return {"counts": backlog, "jobs": [_job_view(j) | {"study_id": j.study_id} for j in jobs]}
+        patient = studies[0].patient_id
+    events.record_read(node.audit, actor(request), request.url.path, [(patient, study_uid)])
+    return view

@@ -78,14 +78,17 @@ def send(ctx: NodeContext, work: DicomDelivery) -> None:
             server_name=destination.tls.server_name if destination.tls else None,
         )
     except (SendError, OSError, RuntimeError) as exc:
-        raise RetryableError(f"{destination.name}: {exc}") from exc
+        raise RetryableError(f"{destination.name}: {type(exc).__name__}", f"{destination.name}: {exc}") from exc
     failed = report.failed
     if failed:
         detail = ", ".join(f"{uid}=0x{status:04X}" for uid, status in sorted(failed.items()))
+        statuses = ", ".join(sorted({f"0x{status:04X}" for status in failed.values()}))
+        summary = f"{len(failed)} of {len(paths)} objects, DICOM status {statuses}"
         if all(_is_permanent(st) for st in failed.values()):
             hint = ""
             if SOP_CLASS_NOT_SUPPORTED in failed.values():
                 hint = " (a SOP class the PACS does not accept: drop its kind from outputs.kinds)"
-            raise PermanentError(f"{destination.name} refused: {detail}{hint}")
-        raise RetryableError(f"{destination.name} did not store: {detail}")
+            raise PermanentError(f"{destination.name} refused: {summary}{hint}", f"{destination.name} refused: {detail}{hint}")
+        raise RetryableError(f"{destination.name} did not store: {summary}",
+                             f"{destination.name} did not store: {detail}")
     log.info("delivered %d objects to %s (study %s v%d)", len(paths), destination.name, work.study_uid, work.version)

@@ -22,7 +22,9 @@ logical reference (subject.identifier) unless `send_patient` is set.
 
 Errors: 5xx, 408, 429, timeouts and connection failures retry with backoff;
 any other 4xx (and a 2xx response whose entries did not all succeed) goes to
-dead-letter with the server's OperationOutcome text. Secrets come from the
+dead-letter. The job's `last_error` says which (HTTP status); the server's
+OperationOutcome text, which may echo the patient, is kept in the job's error
+detail for admins (node/jobs.py StageError). Secrets come from the
 environment variables the configuration names, never from the file.
 """
 from __future__ import annotations
@@ -80,9 +82,11 @@ def send(ctx: NodeContext, work: FhirDelivery) -> None:
             response = client.post(destination.base_url, content=json.dumps(bundle).encode(), headers=headers,
                                    auth=auth)
     except httpx.TimeoutException as exc:
-        raise RetryableError(f"{destination.name}: timed out after {destination.timeout_seconds}s ({exc})") from exc
+        raise RetryableError(f"{destination.name}: timed out after {destination.timeout_seconds}s",
+                             f"{destination.name}: timed out after {destination.timeout_seconds}s ({exc})") from exc
     except httpx.HTTPError as exc:
-        raise RetryableError(f"{destination.name}: {type(exc).__name__}: {exc}") from exc
+        raise RetryableError(f"{destination.name}: {type(exc).__name__}",
+                             f"{destination.name}: {type(exc).__name__}: {exc}") from exc
     check_response(destination.name, response)
     log.info("FHIR transaction of %d entries accepted by %s (study %s v%d, report %s)",
              len(bundle["entry"]), destination.name, scored.study_uid, scored.version, scored.report_id)
@@ -107,12 +111,15 @@ def check_response(name: str, response: httpx.Response) -> None:
     if 200 <= status < 300:
         failed = _failed_entries(response)
         if failed:
-            raise PermanentError(f"{name} accepted the transaction but not every entry: {failed}")
+            raise PermanentError(f"{name} accepted the transaction but not every entry",
+                                 f"{name} accepted the transaction but not every entry: {failed}")
         return
-    text = f"{name} answered HTTP {status}: {outcome_text(response)}"
+    # The server's text may echo the patient (name, birth date): detail only.
+    code = f"{name} answered HTTP {status}"
+    text = f"{code}: {outcome_text(response)}"
     if status >= 500 or status in RETRYABLE_STATUS:
-        raise RetryableError(text)
-    raise PermanentError(text)
+        raise RetryableError(code, text)
+    raise PermanentError(code, text)
 
 
 def _failed_entries(response: httpx.Response) -> str:

@@ -164,16 +164,22 @@ def send(ctx: NodeContext, work: Hl7Delivery) -> None:
     try:
         ack = parse_ack(reply.decode("utf-8", errors="replace"))
     except ValueError as exc:
-        raise RetryableError(f"{destination.name}: unreadable ACK ({exc})") from exc
+        raise RetryableError(f"{destination.name}: unreadable ACK", f"{destination.name}: unreadable ACK ({exc})") from exc
     if ack.control_id and ack.control_id != control_id:
-        raise RetryableError(f"{destination.name}: ACK is for message {ack.control_id!r}, not {control_id!r}")
+        raise RetryableError(f"{destination.name}: ACK is for another message than ORU {control_id}",
+                             f"{destination.name}: ACK is for message {ack.control_id!r}, not {control_id!r}")
+    # MSA-3 is the receiver's free text and may name the patient: detail only.
+    code = f"MSA-1 {ack.code[:2]!s}"
     detail = f"MSA-1 {ack.code}" + (f": {ack.text}" if ack.text else "")
     if ack.code in ("AA", "CA"):
         log.info("ORU %s accepted by %s (study %s v%d)", control_id, destination.name, work.scored.study_uid,
                  work.scored.version)
         return
     if ack.code in ("AR", "CR"):
-        raise PermanentError(f"{destination.name} rejected ORU {control_id}: {detail}")
+        raise PermanentError(f"{destination.name} rejected ORU {control_id}: {code}",
+                             f"{destination.name} rejected ORU {control_id}: {detail}")
     if ack.code in ("AE", "CE"):
-        raise RetryableError(f"{destination.name} could not process ORU {control_id}: {detail}")
-    raise RetryableError(f"{destination.name}: unknown acknowledgment code in ORU {control_id} ACK: {detail}")
+        raise RetryableError(f"{destination.name} could not process ORU {control_id}: {code}",
+                             f"{destination.name} could not process ORU {control_id}: {detail}")
+    raise RetryableError(f"{destination.name}: unknown acknowledgment code in ORU {control_id} ACK",
+                         f"{destination.name}: unknown acknowledgment code in ORU {control_id} ACK: {detail}")

@@ -1,24 +1,4 @@
 // Carina operator UI: a thin view over /api/v1; all state lives in the node.
-const $ = (sel) => document.querySelector(sel);
-const tokenKey = "carina-token";
-
-function headers() {
-  return { Authorization: "Bearer " + (localStorage.getItem(tokenKey) || "") };
-}
-
-function text(tag, value, cls) {
-  const el = document.createElement(tag);
-  el.textContent = value;
-  if (cls) el.className = cls;
-  return el;
-}
-
-async function api(path) {
-  const rsp = await fetch(path, { headers: headers() });
-  if (rsp.status === 401) { $("#login").hidden = false; throw new Error("unauthorised"); }
-  if (!rsp.ok) throw new Error(path + ": " + rsp.status);
-  return rsp.json();
-}
 
 async function showHealth() {
   const rsp = await fetch("/healthz");
@@ -34,7 +14,6 @@ async function showHealth() {
 
 async function showStudies() {
   const body = await api("/api/v1/studies?limit=100");
-  $("#login").hidden = true;
   $("#counts").textContent = Object.entries(body.counts).map(([k, v]) => `${k}: ${v}`).join(" · ");
   const tbody = $("#studies tbody");
   tbody.replaceChildren();
@@ -77,11 +56,8 @@ async function showStudy(uid, callingAe) {
   ul.replaceChildren(...st.deliveries.map((d) => text("li", `${d.destination}: ${d.state} (attempts ${d.attempts})` + (d.last_error ? ` — ${d.last_error}` : ""))));
 }
 
-$("#save-token").addEventListener("click", () => {
-  localStorage.setItem(tokenKey, $("#token").value.trim());
-  showStudies().catch(console.error);
-});
-
 showHealth().catch(console.error);
-showStudies().catch(() => {});
-setInterval(() => showStudies().catch(() => {}), 5000);
+startSession().then(() => {
+  showStudies().catch(console.error);
+  setInterval(() => showStudies().catch(() => {}), 5000);
+}).catch(() => {});
