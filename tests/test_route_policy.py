@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 import security_rig
-from node.api.policy import GRANTS, Permission, Role, policy_of, routes
+from node.api.policy import GRANTS, Role, policy_of, routes
 from node.db import AuditRecord
 from security_rig import PASSWORD, ROLES, USER_ROLES
 
