@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -16,6 +17,11 @@ log = logging.getLogger(__name__)
 
 class SendError(Exception):
     """The destination could not be reached or refused the association."""
+
+
+class SendStopped(SendError):
+    """The caller's `should_stop` said stop (e.g. its lease was lost): the
+    association was aborted before the next object went out."""
 
 
 @dataclass
@@ -36,11 +42,14 @@ def send_files(
     host: str,
     port: int,
     timeout: float = 30.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SendReport:
     """C-STORE every file; one association for all of them.
 
     Raises SendError when no association is possible; per-instance failures
-    are in the report so the caller can decide what to retry."""
+    are in the report so the caller can decide what to retry. `should_stop`
+    is asked before each object: True aborts the association (SendStopped),
+    so a sender that lost its right to send stops within one object."""
     datasets = [dcmread(p) for p in paths]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -56,6 +65,9 @@ def send_files(
     try:
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
+            if should_stop is not None and should_stop():
+                assoc.abort()
+                raise SendStopped(f"stopped before sending {uid} to {called_ae}")
             rsp = assoc.send_c_store(ds)
             if not assoc.is_established and not rsp:
                 raise SendError(f"association with {called_ae} lost while sending {uid}")

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Callable
 
 from node.config import Settings
 from node.db import Database
+from node.metrics import Metrics
 
 if TYPE_CHECKING:  # both pull in torch; the CLI and the API must start without it
+    from dicom_scp.scp import StorageSCP
     from inference.batcher import BatchingEngine
     from inference.types import ModelInfo
     from node.models import ModelManager
@@ -32,6 +34,12 @@ class NodeContext:
     models: ModelManager | None = None
     # When a scored study is issued; tests fix it to pin outputs byte for byte.
     clock: Callable[[], dt.datetime] = utc_now
+    # Prometheus counters and histograms of this node (node/metrics.py).
+    metrics: Metrics = field(default_factory=Metrics)
+    # Set when a graceful shutdown has begun: /readyz answers 503 "draining".
+    draining: bool = False
+    # The running SCP, for /readyz ("is it listening?").
+    scp: StorageSCP | None = None
 
     @property
     def model_info(self) -> ModelInfo | None:
@@ -56,3 +64,7 @@ class NodeContext:
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"

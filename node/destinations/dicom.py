@@ -8,11 +8,12 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_scp.scu import SendError, send_files
+from dicom_scp.scu import SendError, SendStopped, send_files
 from node.config import DicomDestination
 from node.context import NodeContext
 from node.db import Output, Study
-from node.jobs import PermanentError, RetryableError
+from node.jobs import LeaseLost, PermanentError, RetryableError
+from node.lease import lease_lost
 from node.states import OutputKind
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,10 @@ def send(ctx: NodeContext, work: DicomDelivery) -> None:
             called_ae=destination.ae_title,
             host=destination.host,
             port=destination.port,
+            should_stop=lease_lost,  # never two workers sending one study at once
         )
+    except SendStopped as exc:
+        raise LeaseLost(f"{destination.name}: {exc}") from exc
     except (SendError, OSError, RuntimeError) as exc:
         raise RetryableError(f"{destination.name}: {exc}") from exc
     failed = report.failed

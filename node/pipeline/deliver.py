@@ -23,6 +23,7 @@ from node.context import NodeContext
 from node.db import Job, Study
 from node.destinations import SENDERS
 from node.jobs import PermanentError
+from node.lease import check_lease
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> DeliverW
 
 
 def run(ctx: NodeContext, work: DeliverWork) -> None:
+    check_lease()  # a worker whose lease was lost must not send: the new owner will
     work.sender.send(ctx, work.work)
 
 
