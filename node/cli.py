@@ -117,7 +117,7 @@ def cmd_retention_purge(args) -> int:
         return 0
     report = purge(NodeContext(settings=settings, db=_db(settings)))
     print(f"purged {report.instances} instance(s) of {report.studies_instances} study(ies), {report.outputs} "
-          f"output(s), {report.jobs} job row(s), {report.files} file(s); {report.protected} study(ies) kept "
+          f"output(s), {report.jobs} job row(s), {report.files} file(s); {len(report.protected)} study(ies) kept "
           "because their results are not delivered everywhere")
     return 0
 

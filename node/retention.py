@@ -50,7 +50,7 @@ class PurgeReport:
     outputs: int = 0
     jobs: int = 0
     files: int = 0
-    protected: int = 0  # studies old enough but kept: results not delivered everywhere
+    protected: set[int] = field(default_factory=set)  # old enough, kept: results not delivered everywhere
     details: list[str] = field(default_factory=list)
 
     @property
@@ -79,7 +79,7 @@ def purge(ctx: NodeContext) -> PurgeReport:
         _purge_jobs(ctx, report, t - r.jobs_days * DAY)
     if report.anything:
         summary = (f"{report.instances} instance(s) of {report.studies_instances} study(ies), {report.outputs} "
-                   f"output(s), {report.jobs} job row(s), {report.files} file(s); {report.protected} old "
+                   f"output(s), {report.jobs} job row(s), {report.files} file(s); {len(report.protected)} old "
                    "study(ies) kept with undelivered results")
         with ctx.db.session() as s:
             record_event(s, EventKind.RETENTION_PURGE, detail=summary)
@@ -118,7 +118,7 @@ def _unlink_rows(ctx: NodeContext, study_id: int, cutoff: float, kind: str, repo
         if study is None:
             return []
         if undelivered(s, study):
-            report.protected += 1
+            report.protected.add(study.id)
             return []
         paths: list[str] = []
         if kind == "instances":
