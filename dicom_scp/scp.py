@@ -203,7 +203,8 @@ class StorageSCP:
             self._discard(event)
             self._rejected("record_failed")
             return _status(OUT_OF_RESOURCES, f"could not record instance: {type(exc).__name__}")
-        log.info("stored %s study=%s from %s", received.sop_instance_uid, received.study_uid, received.calling_ae)
+        log.info("stored %s study=%s from %s", received.sop_instance_uid, received.study_uid, received.calling_ae,
+                 extra={"study_uid": received.study_uid, "sop_instance_uid": received.sop_instance_uid})
         return SUCCESS
 
     def _rejected(self, reason: str) -> None:
