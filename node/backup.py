@@ -164,7 +164,7 @@ def _relative(path: Path, root: Path) -> Path | None:
 
 
 def _redacted(settings: Settings) -> dict:
-    data = settings.model_dump(mode="json")
+    data = settings.model_dump(mode="json", warnings=False)  # severity_bands defaults are lists, typed as tuples
     if data["database"]["url"]:
         data["database"]["url"] = make_url(data["database"]["url"]).render_as_string(hide_password=True)
     return data
