@@ -78,6 +78,8 @@ def test_start_up_sweep_registers_or_quarantines_orphans_and_removes_temp_files(
         node.start()
         view_b = delivered(node, str(b.StudyInstanceUID))  # registered, scored and delivered
         assert [i["sop_instance_uid"] for i in view_b["instances"]] == [b.SOPInstanceUID]
+        assert carina_db_rows(node, "SELECT path FROM instances WHERE sop_instance_uid = ?",
+                              (str(b.SOPInstanceUID),)) == [(str(orphan),)]  # registered where it lies
         (registered,) = events(node, "orphan_registered")
         assert registered["sop_instance_uid"] == b.SOPInstanceUID
         quarantined = sorted(e["detail"] for e in events(node, "orphan_quarantined"))
