@@ -24,7 +24,11 @@ from pathlib import Path
 from dicom_factory import make_dx, small_chest_pixels, write
 from peers import carina_db_rows, http_json, node_with_pacs, storescu, study_state, wait_until
 
+from node.config import load_settings
+from node.context import NodeContext
+from node.db import Database
 from node.report import report_id
+from node.sweep import sweep
 
 
 def delivered(node, uid: str) -> dict:
@@ -94,10 +98,14 @@ def test_start_up_sweep_registers_or_quarantines_orphans_and_removes_temp_files(
         # Study A is untouched: same instances, same outputs.
         assert study_state(node, str(a.StudyInstanceUID))["outputs"] == view_a["outputs"]
 
-        # Nothing left to do on the next start.
+        # Nothing left to do at the next start: the same sweep, run on the stopped node's storage.
         node.stop()
-        node.start()
-        assert len(events(node, "orphan_registered")) == 1 and len(events(node, "orphan_quarantined")) == 3
+        db = Database(f"sqlite:///{var / 'carina.db'}")
+        try:
+            again = sweep(NodeContext(settings=load_settings(node.config_path), db=db))
+        finally:
+            db.dispose()
+        assert (again.registered, again.quarantined, again.temp_removed) == ([], [], 0)
         print(f"sweep: 1 orphan registered and delivered, {len(quarantined)} quarantined, {len(temps)} temp files removed")
 
 
