@@ -7,10 +7,12 @@ a fresh data directory.
   ids, versions and content; every output file the backup's database lists
   is there with the same bytes;
 - the modality then sends all 20 studies again (the new node does not know
-  those that arrived after the backup) plus two new ones: every output the
-  restored node makes has a UID the original node never issued, and the
-  PACS, which got both nodes' objects, never received one UID with two
-  contents.
+  those that arrived after the backup) plus two new ones: every output of a
+  scoring run after the restore has a UID the original node never issued (the
+  restore's UID salt); a study version already scored in the backup but
+  encoded after it is encoded from that same result, so its objects are the
+  original's, byte for byte; and the PACS, which got both nodes' objects,
+  never received one UID with two contents.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def test_backup_during_a_push_restores_fhir_outputs_and_never_reuses_an_output_u
         pusher.join(300)
         assert len(pushed) == STUDIES and started >= 8 and during < STUDIES, (started, during)
         wait_until(lambda: all_delivered(original, uids[:STUDIES]), 240, interval=0.5, what="all 20 delivered")
-        original_outputs = {uid for (uid,) in carina_db_rows(original, "SELECT sop_instance_uid FROM outputs")}
+        original_outputs = dict(carina_db_rows(original, "SELECT sop_instance_uid, path FROM outputs"))
         original.stop()
 
         manifest = json.loads((backup / "manifest.json").read_text())
@@ -84,6 +86,8 @@ def test_backup_during_a_push_restores_fhir_outputs_and_never_reuses_an_output_u
             fhir = snap.execute("SELECT resource_type, resource_id, version_id, body FROM fhir_resources").fetchall()
             outputs = snap.execute("SELECT sop_instance_uid, path FROM outputs").fetchall()
             in_backup = {uid for (uid,) in snap.execute("SELECT study_uid FROM studies")}
+            scored_in_backup = set(snap.execute("SELECT s.study_uid, r.version FROM results r "
+                                                "JOIN studies s ON s.id = r.study_id").fetchall())
         assert fhir and outputs and 0 < len(in_backup) < STUDIES, (len(fhir), len(outputs), len(in_backup))
         backup_outputs = {uid for uid, _ in outputs}
 
@@ -107,17 +111,28 @@ def test_backup_during_a_push_restores_fhir_outputs_and_never_reuses_an_output_u
         for path in paths:
             assert storescu(restored.dicom_port, path).returncode == 0
         wait_until(lambda: all_delivered(restored, uids), 300, interval=0.5, what="all studies delivered by the restored node")
-        made_after = {uid for (uid,) in carina_db_rows(restored, "SELECT sop_instance_uid FROM outputs")} - backup_outputs
+        made_after = {sop: (study, version, path) for sop, study, version, path in carina_db_rows(
+            restored, "SELECT o.sop_instance_uid, s.study_uid, o.version, o.path FROM outputs o "
+                      "JOIN studies s ON s.id = o.study_id") if sop not in backup_outputs}
         assert made_after, "the restored node made outputs"
-        reused = made_after & original_outputs
-        assert not reused, f"{len(reused)} output UID(s) issued by both nodes"
+        # A study version scored before the backup (its result is in the backup) and encoded after it
+        # is encoded again from that same result: the same objects, byte for byte, as the original's.
+        # Everything scored after the restore has UIDs the original node never issued.
+        reused = set(made_after) & set(original_outputs)
+        for sop in reused:
+            study, version, path = made_after[sop]
+            assert (study, version) in scored_in_backup, f"{sop}: a new scoring run reused an output UID"
+            assert sha(path) == sha(original_outputs[sop]), f"{sop}: one UID, two contents"
+        fresh = [sop for sop, (study, version, _) in made_after.items() if (study, version) not in scored_in_backup]
+        assert fresh and not set(fresh) & set(original_outputs)
         contents = defaultdict(set)
         for r in pacs.receptions():
             contents[r["sop"]].add(json.dumps(r["tags"], sort_keys=True))
         assert all(len(c) == 1 for c in contents.values()), "the PACS received a UID with two contents"
         print(f"backup: taken while studies {started}-{during} of {STUDIES} were pushed, holding {len(in_backup)} studies, "
               f"{len(fhir)} FHIR resource versions and {len(outputs)} outputs; after the restore "
-              f"{len(made_after)} new outputs, none with a UID the original node issued")
+              f"{len(made_after)} new outputs: {len(fresh)} from runs scored after it, none with a UID the original "
+              f"node issued, {len(reused)} re-encoded from results in the backup, identical to the original's")
     finally:
         original.stop()
         restored.stop()
