@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -88,10 +89,12 @@ class InstanceAcceptor(Protocol):
 
 
 class Refusal(Exception):
-    def __init__(self, status: int, comment: str):
+    def __init__(self, status: int, comment: str, reason: str = ""):
         super().__init__(comment)
         self.status = status
         self.comment = comment
+        # A short fixed slug for counting refusals (metrics), e.g. "disk_floor".
+        self.reason = reason or f"status_{status:04x}"
 
 
 def _header_fields(path: Path, max_inflated_bytes: int) -> dict[str, str]:
@@ -138,10 +141,13 @@ class StorageSCP:
         tls: TlsListener | None = None,
         on_release: Callable[[str, list[str]], None] | None = None,
         on_association: AssociationCallback | None = None,
+        on_reject: Callable[[str], None] | None = None,
     ):
         self.accept = accept
         self.on_release = on_release
         self.on_association = on_association
+        # Observer for counting (the node's metrics): a refused C-STORE's reason slug.
+        self.on_reject = on_reject
         self.peers = peers
         self.tls = tls
         self.max_inflated_bytes = max_inflated_bytes
@@ -188,14 +194,37 @@ class StorageSCP:
                                               ssl_context=self.tls.context, evt_handlers=handlers)
             log.info("DICOM SCP %s listening for TLS on %s:%d", self.ae.ae_title, self.address[0], self.tls_port)
 
-    def stop(self) -> None:
-        for server in (self._server, self._tls_server):
-            if server is not None:
-                server.shutdown()
+    def stop(self, grace: float = 0.0) -> int:
+        """Stop accepting associations at once (both listeners); let open ones
+        finish for up to `grace` seconds, then abort those still open. Returns
+        how many were aborted. An instance is only acknowledged once durable
+        and recorded, so an aborted association loses nothing the sender saw
+        acknowledged."""
+        servers = [server for server in (self._server, self._tls_server) if server is not None]
         self._server = self._tls_server = None
+        for server in servers:
+            server.shutdown()  # closes the listening socket only; associations run on
+        deadline = time.monotonic() + grace
+        while any(server.active_associations for server in servers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        still_open = [assoc for server in servers for assoc in server.active_associations]
+        for assoc in still_open:
+            log.warning("aborting association from %s still open after the %.0f s grace period",
+                        assoc.requestor.ae_title, grace)
+            assoc.abort()
         if self._events is not None:
-            self._events.close()
+            self._events.close()  # after the aborts: their closing events still go out
             self._events = None
+        return len(still_open)
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    @property
+    def active_associations(self) -> int:
+        return sum(len(server.active_associations) for server in (self._server, self._tls_server)
+                   if server is not None)
 
     @property
     def port(self) -> int:
@@ -218,13 +247,23 @@ class StorageSCP:
         except Refusal as refusal:
             log.warning("C-STORE %s refused: %s", sop_uid, refusal.comment)
             self._discard(event)
+            self._rejected(refusal.reason)
             return _status(refusal.status, refusal.comment)
         except Exception as exc:  # a handler must answer, never take the process down
             log.exception("C-STORE %s failed", sop_uid)
             self._discard(event)
+            self._rejected("record_failed")
             return _status(OUT_OF_RESOURCES, f"could not record instance: {type(exc).__name__}")
-        log.info("stored %s study=%s from %s", received.sop_instance_uid, received.study_uid, received.calling_ae)
+        log.info("stored %s study=%s from %s", received.sop_instance_uid, received.study_uid, received.calling_ae,
+                 extra={"study_uid": received.study_uid, "sop_instance_uid": received.sop_instance_uid})
         return SUCCESS
+
+    def _rejected(self, reason: str) -> None:
+        if self.on_reject is not None:
+            try:
+                self.on_reject(reason)
+            except Exception:
+                log.exception("reject observer failed")
 
     def _on_released(self, event: evt.Event) -> None:
         with self._lock:
@@ -254,16 +293,16 @@ class StorageSCP:
             # Whatever pydicom raises on hostile bytes (BytesLengthException,
             # zlib.error, struct.error, ...) means "cannot understand", never
             # Out of Resources: a sender retries that forever.
-            raise Refusal(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
+            raise Refusal(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}", "unreadable") from exc
 
         sop_class, sop_uid, study_uid = fields["SOPClassUID"], fields["SOPInstanceUID"], fields["StudyInstanceUID"]
         if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
-            raise Refusal(DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the request")
+            raise Refusal(DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the request", "uid_mismatch")
         if not study_uid:
-            raise Refusal(MISSING_ATTRIBUTE, "missing StudyInstanceUID")
+            raise Refusal(MISSING_ATTRIBUTE, "missing StudyInstanceUID", "missing_study_uid")
         if len(study_uid) > 64 or len(sop_uid) > 64:
             # UI is at most 64 characters; the database keys on these.
-            raise Refusal(CANNOT_UNDERSTAND, "invalid UID: longer than 64 characters")
+            raise Refusal(CANNOT_UNDERSTAND, "invalid UID: longer than 64 characters", "invalid_uid")
 
         return ReceivedInstance(
             calling_ae=event.assoc.requestor.ae_title,

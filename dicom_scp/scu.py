@@ -5,6 +5,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -22,6 +23,11 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 class SendError(Exception):
     """The destination could not be reached or refused the association."""
+
+
+class SendStopped(SendError):
+    """The caller's `should_stop` said stop (e.g. its lease was lost): the
+    association was aborted before the next object went out."""
 
 
 @dataclass
@@ -44,13 +50,16 @@ def send_files(
     timeout: float = 30.0,
     tls: ssl.SSLContext | None = None,
     server_name: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SendReport:
     """C-STORE every file; one association for all of them.
 
     With `tls` the connection is TLS and the server's certificate must match
     `server_name` (default: `host`). Raises SendError when no association is
     possible (a failed TLS handshake included); per-instance failures are in
-    the report so the caller can decide what to retry."""
+    the report so the caller can decide what to retry. `should_stop` is asked
+    before each object: True aborts the association (SendStopped), so a
+    sender that lost its right to send stops within one object."""
     datasets = [dcmread(p) for p in paths]  # our own outputs, written Explicit VR LE
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -69,6 +78,9 @@ def send_files(
     try:
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
+            if should_stop is not None and should_stop():
+                assoc.abort()
+                raise SendStopped(f"stopped before sending {uid} to {called_ae}")
             if str(ds.SOPClassUID) not in accepted:
                 # The peer refused the presentation context: nothing to send it over.
                 report.statuses[uid] = SOP_CLASS_NOT_SUPPORTED

@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 from inference.engine import InferenceEngine, Scored
 from inference.preprocess import ModelInput
@@ -81,6 +82,9 @@ class BatchingEngine:
         self.batch_sizes: Counter[int] = Counter()
         self.swaps = 0
         self.rescored = 0  # images scored again because their call straddled a swap
+        # Called with (batch size, seconds) after each forward pass; the node
+        # hangs its metrics here (this package never imports the node).
+        self.on_batch: Callable[[int, float], None] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -190,6 +194,11 @@ class BatchingEngine:
                 item.future.set_exception(exc)
             return
         self.batch_sizes[len(batch)] += 1
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(batch), time.perf_counter() - started)
+            except Exception:
+                log.exception("batch observer failed")
         for item, result in zip(batch, scored):
             item.future.set_result((result, (started - item.enqueued) * 1000))
 

@@ -239,14 +239,66 @@ def cmd_jobs_retry(args) -> int:
     from node.audit import events, messages
     from node.jobs import requeue_dead
 
+    if args.ids and args.all:
+        print("carina: give job ids or --all, not both", file=sys.stderr)
+        return 2
     settings = _settings(args)
+    if args.destination is not None and args.destination not in {d.name for d in settings.destinations}:
+        print(f"carina: warning: no destination {args.destination!r} is configured", file=sys.stderr)
     db = _db(settings)
-    count = requeue_dead(db, args.ids or None)
-    target = events.job_object(args.ids[0]) if len(args.ids) == 1 else \
-        messages.ParticipantObject("jobs:" + (",".join(map(str, args.ids)) or "all-dead"), messages.URI, 2, 20)
+    count = requeue_dead(db, args.ids or None, destination=args.destination)
+    where = f" for destination {args.destination!r}" if args.destination is not None else ""
+    target = events.job_object(args.ids[0]) if len(args.ids) == 1 else messages.ParticipantObject(
+        "jobs:" + (",".join(map(str, args.ids)) or f"all-dead{where}"), messages.URI, 2, 20)
     events.admin_action(_trail(settings, db), events.cli_actor(), messages.USE_OF_RESTRICTED_FUNCTION, target,
-                        f"re-queued {count} dead-letter job(s)")
-    print(f"re-queued {count} dead-letter job(s)")
+                        f"re-queued {count} dead-letter job(s){where}")
+    print(f"re-queued {count} dead-letter job(s){where}")
+    return 0
+
+
+# --- carina backup / retention: operations --------------------------------------------------
+
+
+def cmd_backup_create(args) -> int:
+    from node.backup import BackupError, create_backup
+
+    try:
+        manifest = create_backup(_settings(args), args.path, include_files=not args.no_files)
+    except BackupError as exc:
+        print(f"carina: backup failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"backup written to {args.path}: {manifest['database']} database, {manifest['files']} file(s)"
+          + (f", {len(manifest['missing_files'])} listed as missing (purged meanwhile)" if manifest["missing_files"] else ""))
+    return 0
+
+
+def cmd_backup_restore(args) -> int:
+    from node.backup import BackupError, restore_backup
+
+    settings = _settings(args)
+    try:
+        restored = restore_backup(settings, args.path)
+    except BackupError as exc:
+        print(f"carina: restore refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"restored the backup of {restored['created_at']} into {settings.storage.data_dir}; "
+          f"start the node with `carina serve` (the backup's settings are in {args.path}/config.yaml)")
+    return 0
+
+
+def cmd_retention_purge(args) -> int:
+    from node.context import NodeContext
+    from node.retention import purge
+
+    settings = _settings(args)
+    r = settings.retention
+    if all(days is None for days in (r.instances_days, r.outputs_days, r.jobs_days)):
+        print("retention: nothing configured (retention.instances_days, outputs_days, jobs_days are all null)")
+        return 0
+    report = purge(NodeContext(settings=settings, db=_db(settings)))
+    print(f"purged {report.instances} instance(s) of {report.studies_instances} study(ies), {report.outputs} "
+          f"output(s), {report.jobs} job row(s), {report.files} file(s); {len(report.protected)} study(ies) kept "
+          "because their results are not delivered everywhere")
     return 0
 
 
@@ -421,10 +473,27 @@ def build_parser() -> argparse.ArgumentParser:
     jl.set_defaults(func=cmd_jobs_list)
     jr = jobs.add_parser("retry", parents=[common], help="re-queue dead-letter jobs (all, or the given ids)")
     jr.add_argument("ids", nargs="*", type=int)
+    jr.add_argument("--all", action="store_true", help="every dead-letter job (the default without ids)")
+    jr.add_argument("--destination", help="only the deliveries to this destination (e.g. after its outage)")
     jr.set_defaults(func=cmd_jobs_retry)
     js = jobs.add_parser("show", parents=[common], help="one job with the full error text of each attempt (PHI)")
     js.add_argument("id", type=int)
     js.set_defaults(func=cmd_jobs_show)
+
+    backup = sub.add_parser("backup", help="consistent backup while the node runs, and restore").add_subparsers(
+        dest="action", required=True)
+    bc = backup.add_parser("create", parents=[common], help="write a backup directory at PATH (database, models, "
+                                                           "configuration, received and encoded files)")
+    bc.add_argument("path")
+    bc.add_argument("--no-files", action="store_true", help="database, models and configuration only")
+    bc.set_defaults(func=cmd_backup_create)
+    br = backup.add_parser("restore", parents=[common], help="restore PATH into the configured (fresh) data directory")
+    br.add_argument("path")
+    br.set_defaults(func=cmd_backup_restore)
+
+    retention = sub.add_parser("retention", help="retention purge").add_subparsers(dest="action", required=True)
+    rp = retention.add_parser("purge", parents=[common], help="run the retention purge once, now")
+    rp.set_defaults(func=cmd_retention_purge)
 
     model = sub.add_parser("model", help="model registry: import, list, activate").add_subparsers(dest="action", required=True)
     mi = model.add_parser("import", parents=[common],

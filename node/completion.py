@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy import func, select
 
-from node.db import Database, Instance, Study, now
+from node.db import Database, Instance, Study, server_now
 from node.jobs import enqueue
 from node.states import SCOREABLE_INSTANCE_STATES, Stage, StudyState
 
@@ -15,10 +15,14 @@ log = logging.getLogger(__name__)
 
 
 def complete_quiet_studies(db: Database, stable_seconds: float, *, at: float | None = None, limit: int = 100) -> list[int]:
-    """Move quiet studies to processing (queueing inference) or ignored."""
-    cutoff = (now() if at is None else at) - stable_seconds
+    """Move quiet studies to processing (queueing inference) or ignored.
+
+    Quiet is measured on `server_now` (the database server's clock on
+    PostgreSQL), the clock the receiver stamped `last_received_at` with."""
     completed: list[int] = []
     with db.session() as s:
+        t = server_now(s)
+        cutoff = (t if at is None else at) - stable_seconds
         studies = s.scalars(
             select(Study)
             .where(Study.state == StudyState.RECEIVED, Study.last_received_at <= cutoff)
@@ -31,7 +35,7 @@ def complete_quiet_studies(db: Database, stable_seconds: float, *, at: float | N
                 select(func.count()).select_from(Instance).where(Instance.study_id == study.id, Instance.state.in_(SCOREABLE_INSTANCE_STATES))
             )
             study.version += 1
-            study.completed_at = now()
+            study.completed_at = t
             if scoreable:
                 study.state = StudyState.PROCESSING
                 enqueue(s, study.id, Stage.INFER, study.version)

@@ -44,6 +44,10 @@ class StorageSettings(_Strict):
     data_dir: Path = Path("var")
     # Below this many free MiB the SCP answers 0xA700 instead of accepting.
     min_free_mb: int = Field(default=512, ge=0)
+    # The start-up sweep (node/sweep.py) only touches files at least this old.
+    # 0 is right for one node; raise it when several nodes share data_dir, so
+    # one node's sweep never takes a file another is just committing.
+    sweep_min_age_seconds: float = Field(default=0.0, ge=0)
 
 
 class DatabaseSettings(_Strict):
@@ -241,6 +245,20 @@ class DestinationTls(_Strict):
         return self
 
 
+class RetryPolicy(_Strict):
+    """When a failed delivery is tried again, and when it gives up.
+
+    Exponential from `base_seconds`, doubling up to `max_seconds` (with
+    jitter), for `give_up_after_seconds` since its first failure (72 h by
+    default), whatever the number of attempts: a PACS or EHR maintenance
+    window of a weekend loses nothing. After that the job is dead-lettered
+    (`/readyz` degraded, `carina_dead_letter_jobs`, `carina jobs retry`)."""
+
+    base_seconds: float = Field(default=30.0, gt=0)
+    max_seconds: float = Field(default=900.0, gt=0)
+    give_up_after_seconds: float = Field(default=72 * 3600.0, gt=0)
+
+
 class DicomDestination(_Strict):
     name: str
     type: Literal["dicom"]
@@ -249,6 +267,8 @@ class DicomDestination(_Strict):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
     tls: DestinationTls | None = None
+    # Overrides the top-level `delivery` retry policy for this destination.
+    retry: RetryPolicy | None = None
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -286,6 +306,8 @@ class FhirDestination(_Strict):
     # identifier. Off by default: most EHRs own their patients and only need
     # the logical reference (subject.identifier) Carina always sends.
     send_patient: bool = False
+    # Overrides the top-level `delivery` retry policy for this destination.
+    retry: RetryPolicy | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -312,6 +334,8 @@ class Hl7Destination(_Strict):
     # CX-4 assigning authority of PID-3 as an HD ("NS&UID&ISO"); empty derives
     # it from api.patient_identifier_system when that is urn:oid:...
     patient_id_authority: str = ""
+    # Overrides the top-level `delivery` retry policy for this destination.
+    retry: RetryPolicy | None = None
 
 
 Destination = Annotated[Union[DicomDestination, FhirDestination, Hl7Destination], Field(discriminator="type")]
@@ -346,6 +370,38 @@ class Hl7ListenerSettings(_Strict):
     application: str = "CARINA"  # MSH-3 of the ACKs Carina sends
     facility: str = ""
     idle_timeout_seconds: float = Field(default=300.0, gt=0)
+
+
+class ShutdownSettings(_Strict):
+    # On SIGTERM/SIGINT: how long open associations and running stages may
+    # take to finish before they are aborted (stages: released at once).
+    grace_seconds: float = Field(default=30.0, ge=0)
+
+
+class HealthSettings(_Strict):
+    # /readyz reports "degraded" (503) while a dead-letter job is older than this.
+    dead_letter_max_age_seconds: float = Field(default=0.0, ge=0)
+
+
+class RetentionSettings(_Strict):
+    """What the scheduled purge (node/retention.py) removes; null keeps forever.
+
+    Never: audit records, node events, results and FHIR resources, or any
+    study whose results are not delivered everywhere."""
+
+    instances_days: float | None = Field(default=None, ge=0)  # received files, their rows and renditions
+    outputs_days: float | None = Field(default=None, ge=0)  # encoded SR/SC files and their rows
+    jobs_days: float | None = Field(default=None, ge=0)  # finished (done) job rows
+    interval_seconds: float = Field(default=3600.0, gt=0)
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # json: one JSON object per line, with study UID and job id
+    # Empty: stderr (journald/Docker rotate it). A path: a file rotated at max_bytes.
+    file: Path | None = None
+    max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    backup_count: int = Field(default=5, ge=1)
 
 
 class PipelineSettings(_Strict):
@@ -445,6 +501,11 @@ class Settings(BaseSettings):
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    delivery: RetryPolicy = Field(default_factory=RetryPolicy)  # every destination, unless it sets `retry`
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("destinations")
     @classmethod
@@ -459,6 +520,11 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         # Environment beats the YAML file (passed as init kwargs), which beats defaults.
         return (env_settings, init_settings)
+
+    def retry_policy(self, destination_name: str) -> RetryPolicy:
+        """The delivery retry policy of one destination (its own, else `delivery`)."""
+        found = next((d for d in self.destinations if d.name == destination_name), None)
+        return found.retry if found is not None and found.retry is not None else self.delivery
 
     @property
     def database_url(self) -> str:

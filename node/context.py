@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Callable
 from node.audit.trail import AuditTrail
 from node.config import Settings
 from node.db import Database
+from node.metrics import Metrics
 
 if TYPE_CHECKING:  # both pull in torch; the CLI and the API must start without it
+    from dicom_scp.scp import StorageSCP
     from inference.batcher import BatchingEngine
     from inference.types import ModelInfo
     from node.models import ModelManager
@@ -42,6 +44,12 @@ class NodeContext:
     clock: Callable[[], dt.datetime] = utc_now
     # The audit trail (node/audit/); built from settings.audit unless given.
     audit: AuditTrail | None = None
+    # Prometheus counters and histograms of this node (node/metrics.py).
+    metrics: Metrics = field(default_factory=Metrics)
+    # Set when a graceful shutdown has begun: /readyz answers 503 "draining".
+    draining: bool = False
+    # The running SCP, for /readyz ("is it listening?").
+    scp: StorageSCP | None = None
 
     def __post_init__(self) -> None:
         if self.audit is None:
@@ -70,3 +78,7 @@ class NodeContext:
     @property
     def tmp_dir(self) -> Path:
         return self.data_dir / "tmp"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"

@@ -23,6 +23,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, Session
@@ -32,6 +34,19 @@ from node.states import InstanceState, JobState, Priority, StudyState
 
 def now() -> float:
     return time.time()
+
+
+def server_now(session: Session) -> float:
+    """The time that schedules work: leases, retries, study completion.
+
+    On PostgreSQL it is the database server's clock, so several hosts whose
+    clocks disagree still agree on when a lease expires or a study is quiet;
+    SQLite is one host, so it keeps the local clock (`now`, looked up at call
+    time so a test can skew it)."""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        return float(session.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one())
+    return now()
 
 
 class Base(DeclarativeBase):
@@ -77,6 +92,87 @@ class Instance(Base):
     received_at: Mapped[float] = mapped_column(Float, default=now)
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.STORED)  # node.states
     reason: Mapped[str] = mapped_column(Text, default="")
+    # SHA-256 of the current file ("" for rows written before hashing existed)
+    # and which content this is: 1 for the first, +1 for each changed re-send
+    # (see InstanceRevision). Server defaults let `add_missing_columns` add them.
+    sha256: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class InstanceRevision(Base):
+    """Every distinct content received under one SOP Instance UID of a study.
+
+    A re-send with different bytes is kept beside the earlier file (never
+    over it); the Instance row points at the newest, this table remembers all,
+    so retention can remove every file and an admin can see what changed."""
+
+    __tablename__ = "instance_revisions"
+    __table_args__ = (UniqueConstraint("instance_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    received_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class NodeEvent(Base):
+    """Something an administrator should be able to see after the fact:
+    changed content, a mixed-patient study, an orphan file re-registered or
+    quarantined, a retention purge, a restore. UIDs and reasons only, never
+    patient names or ids."""
+
+    __tablename__ = "node_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float, default=now, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    study_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)  # no FK: outlives purges
+    study_uid: Mapped[str] = mapped_column(String(64), default="")
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class NodeMeta(Base):
+    """Small node-wide values that must survive restarts (e.g. the output UID
+    salt a restore sets, so a restored node never reissues a UID)."""
+
+    __tablename__ = "node_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+
+
+class PurgeFile(Base):
+    """A file or directory retention has unlinked from the database and is
+    about to delete (node/retention.py). The rows go and this entry comes in
+    one transaction; the deletion follows and then the entry goes. A crash in
+    between leaves the entry, and the next purge or start-up finishes it, so
+    the start-up sweep never mistakes a purged file for an orphan."""
+
+    __tablename__ = "purge_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    queued_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+UID_SALT = "uid_salt"  # NodeMeta key: see ScoredStudy.uid_salt
+
+
+def get_meta(session: Session, key: str) -> str:
+    row = session.get(NodeMeta, key)
+    return "" if row is None else row.value
+
+
+def set_meta(session: Session, key: str, value: str) -> None:
+    row = session.get(NodeMeta, key)
+    if row is None:
+        session.add(NodeMeta(key=key, value=value))
+    else:
+        row.value = value
 
 
 class Job(Base):
@@ -105,6 +201,10 @@ class Job(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float, default=now)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Start of the current run of failures: deliveries give up by time
+    # (`delivery.give_up_after_seconds`), not by attempt count. Cleared on
+    # success and when an operator re-queues the job.
+    retry_since: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Result(Base):
@@ -386,22 +486,39 @@ def _tune_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Additive migration: a nullable column added to a model after its table was
-    created is added to the table. Nothing is ever dropped or altered."""
-    from sqlalchemy import inspect
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add columns that the models have and an older database lacks.
 
-    with engine.begin() as conn:
-        inspector = inspect(conn)
-        existing_tables = set(inspector.get_table_names())
-        for table in Base.metadata.sorted_tables:
-            if table.name not in existing_tables:
+    create_all makes missing tables but never alters existing ones; a node
+    upgraded in place must still start. Only nullable columns or ones with a
+    server default are added (anything else needs a real migration), and a
+    concurrent node adding the same column first is fine."""
+    added = []
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not (column.nullable or column.server_default is not None):
                 continue
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+            ddl = f'ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}'
+            if column.server_default is not None:
+                ddl += f" DEFAULT {_literal(column.server_default.arg)}"
+                ddl += "" if column.nullable else " NOT NULL"
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+                added.append(f"{table.name}.{column.name}")
+            except Exception:
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+    return added
+
+
+def _literal(value) -> str:
+    text_value = str(getattr(value, "text", value))
+    return text_value if text_value.lstrip("-").isdigit() else "'" + text_value.replace("'", "''") + "'"
 
 
 class Database:
@@ -421,7 +538,7 @@ class Database:
 
     def create_schema(self) -> None:
         Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        add_missing_columns(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -5,6 +5,10 @@ Claiming is `SELECT ... FOR UPDATE SKIP LOCKED` followed by a compare-and-set
 UPDATE. PostgreSQL uses both; SQLite ignores the locking clause and relies on
 the CAS plus its single writer (BEGIN IMMEDIATE in node/db.py), so the same
 code is correct on both.
+
+Every time that schedules a job (lease expiry, next attempt, give-up) is
+`server_now`: the database server's clock on PostgreSQL, so nodes on hosts
+with skewed clocks agree; the local clock on SQLite.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.db import Database, Job, JobError, now
+from node.db import Database, Job, JobError, server_now
 from node.states import JobState, Stage
 
 STAGES = tuple(Stage)
@@ -46,6 +50,9 @@ class PermanentError(StageError):
 class Backoff:
     base: float
     cap: float
+    # Deliveries give up by time, not attempts: a PACS that is down for a
+    # weekend must not dead-letter every study. None: `max_attempts` decides.
+    give_up_after: float | None = None
 
     def delay(self, attempt: int) -> float:
         # "Equal jitter": at least half the exponential step, so retries still
@@ -66,21 +73,23 @@ def enqueue(session: Session, study_id: int, stage: Stage, version: int, destina
     )
     if exists is not None:
         return
+    t = server_now(session)
     try:
         with session.begin_nested():
-            session.add(Job(study_id=study_id, stage=stage, destination=destination, study_version=version))
+            session.add(Job(study_id=study_id, stage=stage, destination=destination, study_version=version,
+                            run_after=t, created_at=t))
     except IntegrityError:
         pass  # a concurrent enqueue won; same job
 
 
 def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[Stage, ...] = STAGES) -> Job | None:
     """Take the next runnable job (pending, or running with an expired lease)."""
-    t = now()
-    runnable = or_(
-        and_(Job.state == JobState.PENDING, Job.run_after <= t),
-        and_(Job.state == JobState.RUNNING, Job.lease_until < t),  # its worker died
-    )
     with db.session() as s:
+        t = server_now(s)
+        runnable = or_(
+            and_(Job.state == JobState.PENDING, Job.run_after <= t),
+            and_(Job.state == JobState.RUNNING, Job.lease_until < t),  # its worker died
+        )
         candidate = s.scalars(
             select(Job)
             .where(runnable, Job.stage.in_(stages))
@@ -124,7 +133,8 @@ def settle_in(session: Session, job: Job) -> None:
     Raises LeaseLost (rolling the caller's transaction back) when the lease
     is no longer ours."""
     settled = session.execute(
-        update(Job).where(_owned(job)).values(state=JobState.DONE, finished_at=now(), lease_until=0.0, last_error="")
+        update(Job).where(_owned(job)).values(state=JobState.DONE, finished_at=server_now(session), lease_until=0.0,
+                                              last_error="", retry_since=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     if settled != 1:
@@ -135,7 +145,8 @@ def succeed(db: Database, job: Job) -> bool:
     """Mark the job done; also True when the stage already did (`settle_in`)."""
     with db.session() as s:
         if s.execute(
-            update(Job).where(_owned(job)).values(state=JobState.DONE, finished_at=now(), lease_until=0.0, last_error="")
+            update(Job).where(_owned(job)).values(state=JobState.DONE, finished_at=server_now(s), lease_until=0.0,
+                                                  last_error="", retry_since=None)
         ).rowcount == 1:
             return True
         row = s.get(Job, job.id)
@@ -145,30 +156,65 @@ def succeed(db: Database, job: Job) -> bool:
 def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: int, backoff: Backoff,
          detail: str = "") -> JobState:
     """Record a failure; returns the new state (PENDING or DEAD). `error` must be
-    PHI-free (it is shown everywhere); `detail` (admins only) may be anything."""
-    dead = not retryable or job.attempts >= max_attempts
-    values = {"last_error": error[:4000], "lease_until": 0.0}
-    if dead:
-        values.update(state=JobState.DEAD, finished_at=now())
-    else:
-        values.update(state=JobState.PENDING, run_after=now() + backoff.delay(job.attempts))
+    PHI-free (it is shown everywhere); `detail` (admins only) may be anything.
+
+    With `backoff.give_up_after` the job dies once it has been failing for
+    that long (since `retry_since`), whatever the attempt count; otherwise
+    after `max_attempts`."""
     with db.session() as s:
-        if s.execute(update(Job).where(_owned(job)).values(**values)).rowcount == 1:
-            s.add(JobError(job_id=job.id, attempt=job.attempts, summary=error[:4000], detail=(detail or error)[:20000]))
+        t = server_now(s)
+        since = s.scalar(select(Job.retry_since).where(Job.id == job.id))
+        since = t if since is None else since
+        if backoff.give_up_after is not None:
+            exhausted = t - since >= backoff.give_up_after
+        else:
+            exhausted = job.attempts >= max_attempts
+        dead = not retryable or exhausted
+        values = {"last_error": error[:4000], "lease_until": 0.0, "retry_since": since}
+        if dead:
+            values.update(state=JobState.DEAD, finished_at=t)
+        else:
+            values.update(state=JobState.PENDING, run_after=t + backoff.delay(job.attempts))
+        if s.execute(update(Job).where(_owned(job)).values(**values)).rowcount != 1:
+            return JobState.RUNNING  # the lease was lost: the new owner decides
+        s.add(JobError(job_id=job.id, attempt=job.attempts, summary=error[:4000], detail=(detail or error)[:20000]))
     return values["state"]
 
 
-def renew(db: Database, job: Job, lease_seconds: float) -> bool:
+def release(db: Database, job: Job) -> bool:
+    """Give a running job back at once (graceful shutdown, lost heartbeat):
+    pending, runnable now, and the attempt it was charged is returned, so
+    another worker takes it without waiting for the lease to expire."""
     with db.session() as s:
-        return s.execute(update(Job).where(_owned(job)).values(lease_until=now() + lease_seconds)).rowcount == 1
+        return s.execute(
+            update(Job).where(_owned(job)).values(
+                state=JobState.PENDING, run_after=server_now(s), lease_owner="", lease_until=0.0,
+                attempts=Job.attempts - 1,
+            ).execution_options(synchronize_session=False)
+        ).rowcount == 1
 
 
-def requeue_dead(db: Database, job_ids: list[int] | None = None) -> int:
-    """Operator action: give dead-letter jobs a fresh set of attempts."""
+def renew(db: Database, job: Job, lease_seconds: float) -> bool:
+    """Extend our lease; False when it is no longer ours (taken over or released)."""
+    with db.session() as s:
+        return s.execute(
+            update(Job).where(_owned(job)).values(lease_until=server_now(s) + lease_seconds)
+            .execution_options(synchronize_session=False)
+        ).rowcount == 1
+
+
+def requeue_dead(db: Database, job_ids: list[int] | None = None, *, destination: str | None = None) -> int:
+    """Operator action: give dead-letter jobs a fresh set of attempts (and,
+    for deliveries, a fresh give-up window): all of them, the given ids, or
+    those of one destination (after a long outage)."""
     with db.session() as s:
         stmt = update(Job).where(Job.state == JobState.DEAD)
         if job_ids:
             stmt = stmt.where(Job.id.in_(job_ids))
+        if destination is not None:
+            stmt = stmt.where(Job.destination == destination)
         return s.execute(
-            stmt.values(state=JobState.PENDING, attempts=0, run_after=now(), lease_owner="", finished_at=None)
+            stmt.values(state=JobState.PENDING, attempts=0, run_after=server_now(s), lease_owner="", finished_at=None,
+                        retry_since=None)
+            .execution_options(synchronize_session=False)
         ).rowcount

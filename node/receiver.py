@@ -1,58 +1,105 @@
 """Durable intake: what the SCP received becomes a file that survives a crash
 and a committed row. Runs inside the C-STORE handler (the SCP's `accept`
-callback), so it does one durable move and one short transaction, nothing else.
+callback), so it hashes the file it was handed, does at most one durable
+placement and one short transaction, nothing else.
+
+Every instance is hashed (SHA-256) while it is still the temp file, which the
+kernel has just written and still caches (measured by bench/receive_hash.py):
+
+- the same bytes again under a known SOP Instance UID: acknowledged, and
+  nothing else happens (no file, no row, no reopened study);
+- different bytes under a known SOP Instance UID: the new file is kept beside
+  the old one (node/storage.py `place_instance` never overwrites), the
+  instance gets a new revision, the study reopens as a new version (amended
+  outputs) and a `changed_content` event is recorded;
+- a new SOP Instance UID: stored and recorded as before.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES
 from dicom_scp.scp import OUT_OF_RESOURCES, ReceivedInstance, Refusal
-from node.db import Database, Instance, Study, now
+from node.db import Database, Instance, InstanceRevision, Study, server_now
+from node.events import EventKind, record_event
 from node.routing import NOT_CHEST
 from node.states import InstanceState, StudyState
-from node.storage import free_mb, instance_path, move_durably
+from node.storage import free_mb, instance_path, place_instance, sha256_file
+
+if TYPE_CHECKING:
+    from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
+class Outcome:
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    CHANGED = "changed"
+
+
 @dataclass(frozen=True)
 class Receiver:
-    """The SCP's acceptor: refuse below the disk floor, else move durably, then record."""
+    """The SCP's acceptor: refuse below the disk floor, else hash, place durably, then record."""
 
     db: Database
     instances_dir: Path
     min_free_mb: float = 0
+    metrics: "Metrics | None" = None
 
     def __call__(self, received: ReceivedInstance) -> None:
         if self.min_free_mb and free_mb(self.instances_dir) < self.min_free_mb:
-            raise Refusal(OUT_OF_RESOURCES, "storage below configured free-space floor")
-        final = instance_path(self.instances_dir, received.calling_ae, received.study_uid, received.sop_instance_uid)
-        move_durably(received.temp_path, final)
-        record_instance(self.db, received, final)
+            raise Refusal(OUT_OF_RESOURCES, "storage below configured free-space floor", "disk_floor")
+        digest = sha256_file(received.temp_path)
+        if known_content(self.db, received) == digest:
+            # Same bytes again (a modality retrying an unanswered C-STORE):
+            # acknowledged, nothing else. The temp file is pynetdicom's to drop.
+            self._count(Outcome.DUPLICATE, received)
+            return
+        base = instance_path(self.instances_dir, received.calling_ae, received.study_uid, received.sop_instance_uid)
+        final = place_instance(received.temp_path, base, digest)
+        self._count(record_instance(self.db, received, final, digest), received)
+
+    def _count(self, outcome: str, received: ReceivedInstance) -> None:
+        if self.metrics is not None:
+            self.metrics.instances_received.labels(outcome).inc()
+            if outcome != Outcome.DUPLICATE:
+                self.metrics.received_bytes.inc(received.size_bytes)
 
 
-def record_instance(db: Database, received: ReceivedInstance, path: Path, attempts: int = 3) -> None:
+def known_content(db: Database, received: ReceivedInstance) -> str | None:
+    """SHA-256 of what is stored under this (caller, study, SOP Instance UID), if anything."""
+    with db.session() as s:
+        return s.scalar(
+            select(Instance.sha256).join(Study, Study.id == Instance.study_id).where(
+                Study.calling_ae == received.calling_ae, Study.study_uid == received.study_uid,
+                Instance.sop_instance_uid == received.sop_instance_uid)
+        ) or None
+
+
+def record_instance(db: Database, received: ReceivedInstance, path: Path, sha256: str = "", attempts: int = 3) -> str:
+    """Commit the row of an instance placed at `path`; returns its Outcome."""
     # Two associations may create the same study at once; the loser of the
     # unique-key race simply runs again and finds the winner's row.
     for attempt in range(1, attempts + 1):
         try:
-            _record(db, received, path)
-            return
+            return _record(db, received, path, sha256)
         except (IntegrityError, OperationalError):
             if attempt == attempts:
                 raise
             log.info("retrying record of %s after a concurrent write", received.sop_instance_uid)
+    raise AssertionError("unreachable")
 
 
-def _record(db: Database, received: ReceivedInstance, path: Path) -> None:
-    t = now()
+def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -> str:
     with db.session() as s:
+        t = server_now(s)
         study = s.scalar(
             select(Study)
             .where(Study.calling_ae == received.calling_ae, Study.study_uid == received.study_uid)
@@ -65,42 +112,82 @@ def _record(db: Database, received: ReceivedInstance, path: Path) -> None:
                 patient_id=received.patient_id[:64],
                 accession_number=received.accession_number[:16],
                 first_received_at=t,
+                last_received_at=t,
             )
             s.add(study)
             s.flush()
         instance = s.scalar(
             select(Instance).where(Instance.study_id == study.id, Instance.sop_instance_uid == received.sop_instance_uid)
         )
-        is_new = instance is None
-        if is_new:
-            instance = Instance(study_id=study.id, sop_instance_uid=received.sop_instance_uid)
-            s.add(instance)
         chest = received.sop_class_uid in CHEST_CAPABLE_SOP_CLASSES
-        instance.sop_class_uid = received.sop_class_uid
-        instance.series_uid = received.series_uid[:64]  # informational; a malformed UID must not fail the commit
-        instance.transfer_syntax_uid = received.transfer_syntax_uid
-        instance.path = str(path)
-        instance.size_bytes = received.size_bytes
-        instance.received_at = t
-        if is_new or study.state == StudyState.RECEIVED:
-            instance.state = InstanceState.STORED if chest else InstanceState.IGNORED
-            instance.reason = "" if chest else NOT_CHEST
-        # else: a re-send of an instance whose study was already processed
-        # (a modality retrying an unanswered C-STORE). It does not reopen the
-        # study, so it keeps the outcome the pipeline recorded for it.
-
+        if instance is None:
+            instance = Instance(study_id=study.id, sop_instance_uid=received.sop_instance_uid, revision=1)
+            s.add(instance)
+            _describe(instance, received, path, sha256, t, chest)
+            s.flush()
+            s.add(InstanceRevision(instance_id=instance.id, revision=1, sha256=sha256, path=str(path),
+                                   size_bytes=received.size_bytes, received_at=t))
+            outcome = Outcome.NEW
+        else:
+            current = instance.sha256 or _legacy_hash(instance)
+            if not sha256 or not current or current == sha256:
+                # The same content again (or a caller that did not hash): the
+                # instance keeps the outcome the pipeline recorded for it.
+                return Outcome.DUPLICATE
+            outcome = _changed(s, study, instance, received, path, sha256, t, chest)
         study.last_received_at = t
-        if study.state != StudyState.RECEIVED and is_new:
-            # A late arrival: the study is processed again as a new version
-            # once it is quiet; the pipeline supersedes the earlier results.
-            log.info("study %s reopened by late instance %s", study.study_uid, received.sop_instance_uid)
+        if study.state != StudyState.RECEIVED:
+            # A late or changed instance: the study is processed again as a new
+            # version once it is quiet; the pipeline supersedes earlier results.
+            log.info("study %s reopened by %s instance %s", study.study_uid, outcome, received.sop_instance_uid)
             study.state = StudyState.RECEIVED
             study.reason = ""
+        return outcome
+
+
+def _describe(instance: Instance, received: ReceivedInstance, path: Path, sha256: str, t: float, chest: bool) -> None:
+    instance.sop_class_uid = received.sop_class_uid
+    instance.series_uid = received.series_uid[:64]  # informational; a malformed UID must not fail the commit
+    instance.transfer_syntax_uid = received.transfer_syntax_uid
+    instance.path = str(path)
+    instance.size_bytes = received.size_bytes
+    instance.received_at = t
+    instance.sha256 = sha256
+    instance.state = InstanceState.STORED if chest else InstanceState.IGNORED
+    instance.reason = "" if chest else NOT_CHEST
+
+
+def _changed(s, study: Study, instance: Instance, received: ReceivedInstance, path: Path, sha256: str, t: float,
+             chest: bool) -> str:
+    """New bytes under a known SOP Instance UID: a new revision beside the old."""
+    has_revisions = s.scalar(select(InstanceRevision.id).where(InstanceRevision.instance_id == instance.id).limit(1))
+    if has_revisions is None:  # a row from before revisions were kept: remember its file too
+        s.add(InstanceRevision(instance_id=instance.id, revision=instance.revision, sha256=instance.sha256 or "",
+                               path=instance.path, size_bytes=instance.size_bytes, received_at=instance.received_at))
+    previous = (instance.revision, instance.sha256)
+    instance.revision += 1
+    _describe(instance, received, path, sha256, t, chest)
+    s.add(InstanceRevision(instance_id=instance.id, revision=instance.revision, sha256=sha256, path=str(path),
+                           size_bytes=received.size_bytes, received_at=t))
+    record_event(s, EventKind.CHANGED_CONTENT, study=study, sop_instance_uid=received.sop_instance_uid,
+                 detail=f"revision {previous[0]} (sha256 {previous[1][:16] or 'unknown'}) replaced by revision "
+                        f"{instance.revision} (sha256 {sha256[:16]}); both files kept; study reopened")
+    return Outcome.CHANGED
+
+
+def _legacy_hash(instance: Instance) -> str:
+    """A row written before hashing existed: hash its file once, now."""
+    try:
+        instance.sha256 = sha256_file(Path(instance.path))
+    except OSError:
+        return ""
+    return instance.sha256
 
 
 def record_release(db: Database, calling_ae: str, study_uids: list[str]) -> None:
     """The sender closed an association that brought these studies."""
     with db.session() as s:
+        t = server_now(s)
         for study in s.scalars(select(Study).where(Study.calling_ae == calling_ae, Study.study_uid.in_(study_uids))):
-            study.released_at = now()
+            study.released_at = t
     log.info("association from %s released after %d study(ies)", calling_ae, len(study_uids))

@@ -46,6 +46,9 @@ class ScoredImage:
     sop_instance_uid: str
     findings: tuple[Finding, ...]  # the 14 labels, in CHESTXRAY14 order
     heatmaps: Heatmaps
+    # Which content of the source was scored: 1, or more after a re-send with
+    # changed bytes (node/receiver.py); > 1 gives its outputs new UIDs.
+    revision: int = 1
 
     def __post_init__(self) -> None:
         if tuple(f.label for f in self.findings) != CHESTXRAY14:
@@ -70,6 +73,10 @@ class ScoredStudy:
     version: int
     status: ReportStatus
     issued: dt.datetime  # timezone-aware
+    # Set on a node restored from a backup (node/backup.py): every output UID
+    # it issues differs from any the original node may have issued after the
+    # backup was taken. Empty otherwise, which leaves the UIDs unchanged.
+    uid_salt: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", ReportStatus(self.status))
@@ -119,8 +126,20 @@ class ScoredStudy:
     def source(self, sop_instance_uid: str) -> SourceImage:
         return next(s for s in self.facts.images if s.sop_instance_uid == sop_instance_uid)
 
+    def output_uid_qualifiers(self, sop_instance_uid: str | None = None) -> tuple[str, ...]:
+        """Extra parts of the output UIDs (node/outputs/uids.py): the restore salt,
+        and for one source image's outputs its revision when it is not the first."""
+        parts = (f"salt:{self.uid_salt}",) if self.uid_salt else ()
+        if sop_instance_uid is not None:
+            image = next(i for i in self.images if i.sop_instance_uid == sop_instance_uid)
+            if image.revision > 1:
+                parts += (f"revision:{image.revision}",)
+        return parts
+
     # -- the codec ----------------------------------------------------------------------
     def to_json(self) -> str:
+        # revision and uid_salt only when they are not the defaults: values
+        # written before they existed, and the golden outputs, stay the same.
         return json.dumps({
             "schema": SCHEMA,
             "calling_ae": self.calling_ae,
@@ -130,7 +149,7 @@ class ScoredStudy:
                     "sop_instance_uid": image.sop_instance_uid,
                     "findings": [finding_to_json(f) for f in image.findings],
                     "heatmaps": heatmaps_to_json(image.heatmaps),
-                }
+                } | ({"revision": image.revision} if image.revision != 1 else {})
                 for image in self.images
             ],
             "model": model_to_json(self.model),
@@ -139,7 +158,7 @@ class ScoredStudy:
             "version": self.version,
             "status": str(self.status),
             "issued": self.issued.isoformat(),
-        }, ensure_ascii=False)
+        } | ({"uid_salt": self.uid_salt} if self.uid_salt else {}), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> "ScoredStudy":
@@ -155,6 +174,7 @@ class ScoredStudy:
                     sop_instance_uid=image["sop_instance_uid"],
                     findings=tuple(finding_from_json(f) for f in image["findings"]),
                     heatmaps=heatmaps_from_json(image["heatmaps"]),
+                    revision=int(image.get("revision", 1)),
                 )
                 for image in data["images"]
             ),
@@ -163,6 +183,7 @@ class ScoredStudy:
             version=int(data["version"]),
             status=ReportStatus(data["status"]),
             issued=dt.datetime.fromisoformat(data["issued"]),
+            uid_salt=data.get("uid_salt", ""),
         )
 
 

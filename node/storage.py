@@ -7,11 +7,18 @@ can never become `../x`.
 
 Layout under `storage.data_dir`:
 - `instances/<calling AE>/<study UID>/<SOP UID>.dcm`: what senders stored;
+  a re-send with different bytes goes beside it, never over it, as
+  `<SOP UID>.<sha256>.dcm` (`place_instance`);
 - `outputs/<calling AE>/<study UID>/<kind>-<SOP UID>.dcm`: what Carina made;
 - `work/<calling AE>/<study UID>/v<version>/<SOP UID>.png`: the display
   rendition the infer stage keeps for the heatmap SCs, so a source is decoded
   once per study version;
-- `tmp/`: partial uploads (emptied at start-up).
+- `tmp/`: partial uploads (emptied at start-up);
+- `quarantine/`: files the start-up sweep found without a row and could not
+  register (node/sweep.py).
+
+Temp files of `write_durably` and cross-filesystem moves end in `.part`; the
+start-up sweep removes any a crash left behind.
 """
 from __future__ import annotations
 
@@ -82,6 +89,57 @@ def move_durably(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
         os.unlink(src)
     fsync_dir(dst.parent)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def revision_path(base: Path, sha256: str) -> Path:
+    """Where a changed re-send of `base`'s SOP instance goes: beside it, named by its content."""
+    return base.with_name(f"{base.stem}.{sha256}{base.suffix}")
+
+
+def place_instance(src: Path, base: Path, sha256: str) -> Path:
+    """Put a received file (hashed: `sha256`) durably at `base`, or, when
+    `base` holds other bytes, beside it at `revision_path`. Never overwrites:
+    a hard link fails if the name exists. When the name already holds these
+    very bytes (a crash between the rename and the commit, then a re-send),
+    that file is used and `src` dropped. Returns the path used."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    _fsync_file(src)
+    for candidate in (base, revision_path(base, sha256)):
+        try:
+            _link_no_replace(src, candidate)
+        except FileExistsError:
+            if candidate != base or sha256_file(candidate) == sha256:
+                os.unlink(src)  # the content-named file can only hold these bytes
+                return candidate
+            continue
+        os.unlink(src)
+        fsync_dir(candidate.parent)
+        return candidate
+    raise AssertionError("unreachable: the content-named path always resolves")
+
+
+def _link_no_replace(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        # Different filesystem: copy beside the target, then link that (still no replace).
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+        shutil.copyfile(src, tmp)
+        _fsync_file(tmp)
+        try:
+            os.link(tmp, dst)
+        finally:
+            os.unlink(tmp)
 
 
 def write_durably(data: bytes, dst: Path) -> None:

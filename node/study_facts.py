@@ -73,3 +73,26 @@ class StudyFacts:
             study_description=_text(first, "StudyDescription"),
             images=tuple(SourceImage.from_dataset(ds) for ds in datasets),
         )
+
+
+def _person_name(ds: Dataset) -> str:
+    # Compare names the way a PN is written loosely: case, spaces and empty trailing components aside.
+    return "^".join(part.strip() for part in _text(ds, "PatientName").upper().split("^")).rstrip("^")
+
+
+def patient_disagreement(datasets: list[Dataset]) -> str:
+    """Why these images cannot be one patient's study, or "" when they agree.
+
+    They disagree when they carry two different PatientIDs, or two different
+    PatientNames or PatientBirthDates. A blank value agrees with anything (some
+    modalities leave them empty). The reason names what differs and how many
+    values, never the values themselves (PHI)."""
+    for keyword, values in (
+        ("PatientID", {_text(ds, "PatientID") for ds in datasets}),
+        ("PatientName", {_person_name(ds) for ds in datasets}),
+        ("PatientBirthDate", {_text(ds, "PatientBirthDate") for ds in datasets}),
+    ):
+        values.discard("")
+        if len(values) > 1:
+            return f"images disagree on {keyword} ({len(values)} different values); not scored as one patient"
+    return ""

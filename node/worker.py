@@ -4,9 +4,15 @@ For every stage the worker does the same three steps (node/pipeline/__init__.py)
 load the stage's typed work in one transaction, run it outside any
 transaction, and settle its outcome in the transaction that marks the job
 done. Whether the job is still for the study's current version is checked
-here, in `_current`, and nowhere else. Every outcome is written back to the
-job row, so a crash at any point leaves either a finished job or one whose
+here, in `current_study`, and nowhere else. Every outcome is written back to
+the job row, so a crash at any point leaves either a finished job or one whose
 lease will expire and be taken again.
+
+While a stage runs, a heartbeat (node/lease.py) renews its lease every
+lease/3; a stage whose lease is lost stops before acting and cannot settle.
+On shutdown the pool stops claiming, lets running stages finish within the
+grace period, and releases the leases of those still running, so another
+worker takes them at once instead of after the lease.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 import uuid
 
@@ -21,7 +28,9 @@ from sqlalchemy.orm import Session
 
 from node.context import NodeContext
 from node.db import Job, Study
-from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, settle_in, succeed
+from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, release, settle_in, succeed
+from node.lease import Heartbeat
+from node.logs import bind_context, log_context
 from node.pipeline import conclude, deliver, encode, infer
 from node.states import JobState, Stage, StudyState
 
@@ -40,6 +49,8 @@ def run_stage(ctx: NodeContext, job: Job) -> None:
     stage = STAGES[Stage(job.stage)]
     with ctx.db.session() as s:
         study = current_study(s, job)
+        if study is not None:
+            bind_context(study_uid=study.study_uid)
         work = None if study is None else stage.load(ctx, s, study, job)
     if study is None:
         log.info("%s job %d superseded by a newer study version", job.stage, job.id)
@@ -52,37 +63,71 @@ def run_stage(ctx: NodeContext, job: Job) -> None:
             stage.settle(ctx, s, study, outcome)
 
 
-def run_one(ctx: NodeContext, owner: str) -> bool:
-    """Claim and run one job; False when there was nothing to do."""
+def backoff_for(ctx: NodeContext, job: Job) -> Backoff:
+    """Deliveries retry on the (per-destination) delivery policy, by time;
+    infer and encode on the pipeline's, by attempts."""
+    if job.stage == Stage.DELIVER:
+        policy = ctx.settings.retry_policy(job.destination)
+        return Backoff(policy.base_seconds, policy.max_seconds, give_up_after=policy.give_up_after_seconds)
+    p = ctx.settings.pipeline
+    return Backoff(p.backoff_base_seconds, p.backoff_max_seconds)
+
+
+def run_one(ctx: NodeContext, owner: str, running: dict | None = None) -> bool:
+    """Claim and run one job; False when there was nothing to do. `running`
+    (owner -> job) lets the pool see what each worker holds at shutdown."""
     p = ctx.settings.pipeline
     job = claim(ctx.db, owner, p.lease_seconds)
     if job is None:
         return False
-    backoff = Backoff(p.backoff_base_seconds, p.backoff_max_seconds)
+    if running is not None:
+        running[owner] = job
     try:
-        run_stage(ctx, job)
+        with log_context(job_id=job.id, stage=job.stage, destination=job.destination):
+            _run_claimed(ctx, job)
+    finally:
+        if running is not None:
+            running.pop(owner, None)
+    return True
+
+
+def _run_claimed(ctx: NodeContext, job: Job) -> None:
+    backoff = backoff_for(ctx, job)
+    started = time.perf_counter()
+    outcome = "done"
+    try:
+        with Heartbeat(ctx.db, job, ctx.settings.pipeline.lease_seconds):
+            run_stage(ctx, job)
     except LeaseLost as exc:
+        outcome = "lease_lost"
         log.warning("%s; outcome left to the new owner", exc)
     except PermanentError as exc:
-        _settle_failure(ctx, job, exc.code, exc.detail, retryable=False, backoff=backoff)
+        outcome = _settle_failure(ctx, job, exc.code, exc.detail, retryable=False, backoff=backoff)
     except RetryableError as exc:
-        _settle_failure(ctx, job, exc.code, exc.detail, retryable=True, backoff=backoff)
+        outcome = _settle_failure(ctx, job, exc.code, exc.detail, retryable=True, backoff=backoff)
     except Exception as exc:  # unknown: retry, the backoff and max attempts bound it
         # The log gets the class and the frames, never the message: an exception's
         # text may quote patient data. The full text is kept for admins (job_errors).
         log.error("job %d (%s) crashed: %s\n%s", job.id, job.stage, type(exc).__name__,
                   "".join(traceback.format_tb(exc.__traceback__)))
-        _settle_failure(ctx, job, f"{job.stage} crashed: {type(exc).__name__}", traceback.format_exc(),
-                        retryable=True, backoff=backoff)
+        outcome = _settle_failure(ctx, job, f"{job.stage} crashed: {type(exc).__name__}", traceback.format_exc(),
+                                  retryable=True, backoff=backoff)
     else:
         if not succeed(ctx.db, job):
+            outcome = "lease_lost"
             log.warning("job %d finished after its lease was taken over; outcome left to the new owner", job.id)
-    return True
+    ctx.metrics.stage_seconds.labels(job.stage, outcome).observe(time.perf_counter() - started)
+    if job.stage == Stage.DELIVER and outcome != "lease_lost":
+        ctx.metrics.deliveries.labels(job.destination, "delivered" if outcome == "done" else outcome).inc()
 
 
-def _settle_failure(ctx: NodeContext, job: Job, error: str, detail: str, *, retryable: bool, backoff: Backoff) -> None:
+def _settle_failure(ctx: NodeContext, job: Job, error: str, detail: str, *, retryable: bool, backoff: Backoff) -> str:
     state = fail(ctx.db, job, error, retryable=retryable, max_attempts=ctx.settings.pipeline.max_attempts,
                  backoff=backoff, detail=detail)
+    if state == JobState.RUNNING:
+        log.warning("job %d (%s) failed after its lease was lost; outcome left to the new owner: %s",
+                    job.id, job.stage, error)
+        return "lease_lost"
     log.warning("job %d (%s%s) attempt %d failed -> %s: %s", job.id, job.stage,
                 f" to {job.destination}" if job.destination else "", job.attempts, state, error)
     if state == JobState.DEAD and job.stage in (Stage.INFER, Stage.ENCODE):
@@ -90,6 +135,7 @@ def _settle_failure(ctx: NodeContext, job: Job, error: str, detail: str, *, retr
             study = current_study(s, job)
             if study is not None:
                 conclude(study, StudyState.FAILED, f"{job.stage}: {error}")
+    return "dead" if state == JobState.DEAD else "retry"
 
 
 class WorkerPool:
@@ -99,6 +145,7 @@ class WorkerPool:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.running: dict[str, Job] = {}  # worker owner -> the job it runs now
 
     def start(self) -> None:
         for n in range(self.count):
@@ -106,15 +153,31 @@ class WorkerPool:
             t.start()
             self._threads.append(t)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, grace: float = 10.0) -> int:
+        """Stop claiming; give running stages until `grace` to finish, then
+        release the leases of those still running (pending again, runnable
+        now, the attempt not charged). Returns how many were released."""
         self._stop.set()
+        deadline = time.monotonic() + grace
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        return self.release_running()
+
+    def release_running(self) -> int:
+        released = 0
+        for owner, job in list(self.running.items()):
+            try:
+                if release(self.ctx.db, job):
+                    released += 1
+                    log.info("job %d (%s) released at shutdown; another worker takes it at once", job.id, job.stage)
+            except Exception:
+                log.exception("could not release job %d; its lease will expire", job.id)
+        return released
 
     def _loop(self, owner: str) -> None:
         while not self._stop.is_set():
             try:
-                busy = run_one(self.ctx, owner)
+                busy = run_one(self.ctx, owner, self.running)
             except Exception:  # e.g. the database is briefly unreachable
                 log.exception("worker %s: claim failed", owner)
                 busy = False

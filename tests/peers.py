@@ -260,6 +260,7 @@ class CarinaNode:
                       "peers": loopback_peers() if peers is None else peers},
             "api": {"host": "127.0.0.1", "port": self.http_port},
             "pipeline": {"poll_seconds": 0.2, "backoff_base_seconds": 0.5, "backoff_max_seconds": 2},
+            "delivery": {"base_seconds": 0.5, "max_seconds": 2},  # retries as fast as the pipeline's; give up after 72 h
             "destinations": destinations or [],
         }
         for section, values in (extra or {}).items():

@@ -59,6 +59,8 @@ class PipelineRig:
             "storage": {"data_dir": str(self.workdir / "var"), "min_free_mb": 0},
             "pipeline": {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.2, "max_attempts": 4,
                          "poll_seconds": 0.05},
+            # Deliveries give up by time: a second of failing here.
+            "delivery": {"base_seconds": 0.05, "max_seconds": 0.2, "give_up_after_seconds": 1.0},
             "destinations": destinations or [],
             **sections,
         }

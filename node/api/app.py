@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from node.api import admin, sessions, studies
+from node.api import admin, ops, sessions, studies
 from node.api.fhir_routes import router as fhir_router
 from node.api.headers import SecurityHeaders
 from node.api.policy import Permission, check_policies, mount_public, public, require
@@ -33,6 +33,8 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(fhir_router)
     app.include_router(predict_router)  # POST /api/v1/predict
+    app.include_router(ops.probes)  # /readyz, /metrics
+    app.include_router(ops.admin)  # /api/v1/admin/...
     mount_public(app, "/ui", StaticFiles(directory=UI_DIR), "ui", "the web UI's scripts and styles; no patient data")
 
     @app.get(OPENAPI_PATH, include_in_schema=False, dependencies=[require(Permission.SESSION)])
@@ -42,14 +44,18 @@ def create_app(ctx: NodeContext) -> FastAPI:
     @app.get("/healthz", include_in_schema=False,
              dependencies=[public("probed by load balancers and monitoring; no patient data")])
     def healthz(request: Request):
+        """Liveness: 200 whenever the process answers HTTP. The body says
+        whether its parts are up ("ok") or not yet ("starting"); readiness,
+        with the reasons, is /readyz."""
         node: NodeContext = request.app.state.node
         parts = dict(node.ready)
         parts["db"] = parts.get("db", False) and node.db.ping()
-        body = {"status": "ok" if all(parts.values()) else "starting", "parts": parts}
+        status = "draining" if node.draining else "ok" if all(parts.values()) else "starting"
+        body = {"status": status, "parts": parts}
         info = node.model_info
         if info is not None:
             body["model"] = {"name": info.name, "version": info.version, "demo": info.demo, "caveat": info.caveat}
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+        return JSONResponse(body)
 
     @app.get("/", include_in_schema=False, dependencies=[public("the UI shell; it loads data only after login")])
     def index():

@@ -14,12 +14,13 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_scp.scu import SOP_CLASS_NOT_SUPPORTED, SendError, send_files
+from dicom_scp.scu import SOP_CLASS_NOT_SUPPORTED, SendError, SendStopped, send_files
 from dicom_scp.tls import client_context
 from node.config import DicomDestination
 from node.context import NodeContext
 from node.db import Output, Study
-from node.jobs import PermanentError, RetryableError
+from node.jobs import LeaseLost, PermanentError, RetryableError
+from node.lease import lease_lost
 from node.states import OutputKind
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ def send(ctx: NodeContext, work: DicomDelivery) -> None:
             port=destination.port,
             tls=tls,
             server_name=destination.tls.server_name if destination.tls else None,
+            should_stop=lease_lost,  # never two workers sending one study at once
         )
+    except SendStopped as exc:
+        raise LeaseLost(f"{destination.name}: {exc}") from exc
     except (SendError, OSError, RuntimeError) as exc:
         raise RetryableError(f"{destination.name}: {type(exc).__name__}", f"{destination.name}: {exc}") from exc
     failed = report.failed

@@ -69,7 +69,8 @@ def build_report_resources(study: ScoredStudy, *, patient_system: str) -> list[d
     observations = [
         _observation(ctx, label, finding, study.source(sop_uid)) for label, (sop_uid, finding) in study.strongest.items()
     ]
-    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in study.facts.images], study.model.ref, study.version)
+    sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in study.facts.images], study.model.ref, study.version,
+                                  *study.output_uid_qualifiers())
     report = _diagnostic_report(ctx, observations, sr_uid)
     resources = [
         report,

@@ -93,6 +93,7 @@ def build_heatmap_captures(
                 series_number=series_number,
                 instance_number=first_instance_number + offset,
                 created=study.created_local,
+                uid_qualifiers=study.output_uid_qualifiers(str(header.SOPInstanceUID)),
             )
         )
     return captures
@@ -159,6 +160,7 @@ def _secondary_capture(
     series_number: int,
     instance_number: int,
     created: dt.datetime,
+    uid_qualifiers: tuple[str, ...] = (),
 ) -> SCImage:
     orientation = [str(v) for v in (header.get("PatientOrientation") or []) if str(v)]
     sc = SCImage.from_ref_dataset(
@@ -169,7 +171,7 @@ def _secondary_capture(
         "PATIENT",
         series_instance_uid=uids.series_uid(header.StudyInstanceUID, model.ref, "sc"),
         series_number=series_number,
-        sop_instance_uid=uids.sc_instance_uid(header.SOPInstanceUID, model.ref, kind),
+        sop_instance_uid=uids.sc_instance_uid(header.SOPInstanceUID, model.ref, kind, *uid_qualifiers),
         instance_number=instance_number,
         manufacturer=manufacturer,
         # highdicom insists on an orientation for PATIENT images; a header

@@ -170,7 +170,7 @@ def build_sr(
         content=report,
         series_instance_uid=uids.series_uid(study_uid, model.ref, "sr"),
         series_number=series_number,
-        sop_instance_uid=uids.sr_instance_uid(source_uids, model.ref, study.version),
+        sop_instance_uid=uids.sr_instance_uid(source_uids, model.ref, study.version, *study.output_uid_qualifiers()),
         instance_number=study.version,  # later runs sort after earlier ones
         manufacturer=manufacturer,
         is_complete=True,  # every scored image has all 14 findings

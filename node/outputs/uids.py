@@ -22,15 +22,22 @@ def derived_uid(*parts: str) -> str:
 # version string must still write different objects.
 
 
-def sc_instance_uid(source_sop_uid: str, model_ref: str, kind: str) -> str:
+# `qualifiers` (node/scored_study.py `output_uid_qualifiers`) are empty in the
+# ordinary case, so those UIDs never change; they are set when the same names
+# would otherwise give a UID that was (or may have been) issued for other
+# content: a source re-sent with changed bytes (its revision), and every
+# output of a node restored from a backup (its UID salt).
+
+
+def sc_instance_uid(source_sop_uid: str, model_ref: str, kind: str, *qualifiers: str) -> str:
     """`kind` is 'summary' or a finding label."""
-    return derived_uid("sc", source_sop_uid, model_ref, kind)
+    return derived_uid("sc", source_sop_uid, model_ref, kind, *[q for q in qualifiers if q])
 
 
-def sr_instance_uid(source_sop_uids: list[str], model_ref: str, study_version: int) -> str:
+def sr_instance_uid(source_sop_uids: list[str], model_ref: str, study_version: int, *qualifiers: str) -> str:
     # The study version keeps a re-run's SR distinct from the one it supersedes
     # even when the same images are scored again.
-    return derived_uid("sr", *sorted(source_sop_uids), model_ref, str(study_version))
+    return derived_uid("sr", *sorted(source_sop_uids), model_ref, str(study_version), *[q for q in qualifiers if q])
 
 
 def series_uid(study_uid: str, model_ref: str, kind: str) -> str:

@@ -27,6 +27,7 @@ from node.context import NodeContext
 from node.db import Job, Study
 from node.destinations import SENDERS
 from node.jobs import PermanentError, StageError
+from node.lease import check_lease
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> DeliverW
 
 
 def run(ctx: NodeContext, work: DeliverWork) -> None:
+    check_lease()  # a worker whose lease was lost must not send: the new owner will
     try:
         work.sender.send(ctx, work.work)
     except StageError as exc:

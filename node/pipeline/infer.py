@@ -24,7 +24,8 @@ from inference.dicom_file import dcmread_bounded
 from inference.types import ImageResult
 from node import results, triage
 from node.context import NodeContext
-from node.db import Instance, Job, Study
+from node.db import UID_SALT, Instance, Job, Study, get_meta
+from node.events import EventKind, record_event
 from node.jobs import enqueue
 from node.outputs.sc import display_rendition
 from node.pipeline import conclude
@@ -33,7 +34,7 @@ from node.routing import exclusion
 from node.scored_study import ScoredImage, ScoredStudy
 from node.states import SCOREABLE_INSTANCE_STATES, InstanceState, Stage, StudyState
 from node.storage import display_path, write_durably
-from node.study_facts import StudyFacts
+from node.study_facts import StudyFacts, patient_disagreement
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Candidate:
     instance_id: int
     sop_uid: str
     path: Path
+    revision: int = 1  # which content of the instance (node/receiver.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class InferWork:
     version: int
     candidates: tuple[Candidate, ...]
     earlier_triage: Triage | None  # a priority is never lowered
+    uid_salt: str = ""  # set on a restored node (node/backup.py)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Assessment:
     candidate: Candidate
     state: InstanceState
     reason: str = ""
-    header: Dataset | None = None  # pixels deferred: read only by the decode
+    header: Dataset | None = None  # pixels deferred: read only by the decode (also kept when ignored)
     image: DecodedImage | None = None
 
 
@@ -70,11 +73,12 @@ class Assessment:
 class Inferred:
     assessments: tuple[Assessment, ...]
     scored: ScoredStudy | None  # None: nothing could be scored
+    refusal: str = ""  # why the study as a whole is not scored (its images disagree on the patient)
 
 
 def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> InferWork:
     rows = session.execute(
-        select(Instance.id, Instance.sop_instance_uid, Instance.path)
+        select(Instance.id, Instance.sop_instance_uid, Instance.path, Instance.revision)
         .where(Instance.study_id == study.id, Instance.state.in_(SCOREABLE_INSTANCE_STATES))
         .order_by(Instance.id)
     ).all()
@@ -83,8 +87,9 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> InferWor
         calling_ae=study.calling_ae,
         study_uid=study.study_uid,
         version=study.version,
-        candidates=tuple(Candidate(i, sop, Path(path)) for i, sop, path in rows),
+        candidates=tuple(Candidate(i, sop, Path(path), revision or 1) for i, sop, path, revision in rows),
         earlier_triage=triage.previous(session, study.id),
+        uid_salt=get_meta(session, UID_SALT),
     )
 
 
@@ -98,7 +103,7 @@ def assess(ctx: NodeContext, candidate: Candidate) -> Assessment:
                              max_inflated_bytes=ctx.settings.dicom.max_inflated_bytes)
         rule = exclusion(ds, ctx.settings.routing)
         if rule:
-            return Assessment(candidate, InstanceState.IGNORED, rule)
+            return Assessment(candidate, InstanceState.IGNORED, rule, header=ds)
         return Assessment(candidate, InstanceState.SCORED, header=ds, image=decode_dicom(ds))
     except DecodeError as exc:
         reason = f"failed: {exc}"
@@ -110,6 +115,12 @@ def assess(ctx: NodeContext, candidate: Candidate) -> Assessment:
 
 def run(ctx: NodeContext, work: InferWork) -> Inferred:
     assessed = tuple(assess(ctx, candidate) for candidate in work.candidates)
+    # Images of two patients under one StudyInstanceUID (a misfiled study):
+    # one report would state one patient's findings about another. Refuse
+    # the study as a whole, before spending the model on it.
+    refusal = patient_disagreement([a.header for a in assessed if a.header is not None])
+    if refusal:
+        return Inferred(assessed, None, refusal)
     scoreable = [a for a in assessed if a.image is not None]
     if not scoreable:
         return Inferred(assessed, None)
@@ -128,8 +139,10 @@ def scored_study(ctx: NodeContext, work: InferWork, headers: list[Dataset], pred
     models = {p.model for p in predictions}
     if len(models) != 1:
         raise RuntimeError(f"one study scored by {len(models)} models")  # the batcher guarantees one
+    revisions = {c.sop_uid: c.revision for c in work.candidates}
     images = tuple(
-        ScoredImage(str(h.SOPInstanceUID), p.findings, p.heatmaps) for h, p in zip(headers, predictions)
+        ScoredImage(str(h.SOPInstanceUID), p.findings, p.heatmaps, revisions.get(str(h.SOPInstanceUID), 1))
+        for h, p in zip(headers, predictions)
     )
     strongest = strongest_findings({image.sop_instance_uid: image.findings for image in images})
     return ScoredStudy(
@@ -142,6 +155,7 @@ def scored_study(ctx: NodeContext, work: InferWork, headers: list[Dataset], pred
         version=work.version,
         status=ReportStatus.for_version(work.version),
         issued=ctx.clock(),
+        uid_salt=work.uid_salt,
     )
 
 
@@ -155,6 +169,12 @@ def keep_display(ctx: NodeContext, work: InferWork, sop_uid: str, image: Decoded
 
 
 def settle(ctx: NodeContext, session: Session, study: Study, inferred: Inferred) -> None:
+    if inferred.refusal:
+        # Nothing was scored: the images stay STORED (a corrected re-send is
+        # assessed again), the study fails with the reason an admin sees.
+        conclude(study, StudyState.FAILED, inferred.refusal)
+        record_event(session, EventKind.MIXED_PATIENT, study=study, detail=f"version {study.version}: {inferred.refusal}")
+        return
     for a in inferred.assessments:
         instance = session.get(Instance, a.candidate.instance_id)
         instance.state, instance.reason = a.state, a.reason
