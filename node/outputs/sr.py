@@ -109,7 +109,7 @@ def build_sr(
     study_uid = study.study_uid
     source_uids = [str(ds.SOPInstanceUID) for ds in headers]
 
-    algorithm = AlgorithmIdentification(name=model.name, version=model.version)
+    algorithm = algorithm_identification(model)
     groups = [
         _finding_group(header, finding, model, algorithm, terms)
         for header, image in zip(headers, study.images)
@@ -156,6 +156,14 @@ def build_sr(
     )
     _drop_invalid_optional_patient_study(sr)
     return sr
+
+
+def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
+    """TID 4019 for the model; an ensemble names every member as an Algorithm
+    Parameter (111002) "member: NAME@VERSION", so the SR says which networks voted.
+    A single model has no parameters (its SR is unchanged)."""
+    parameters = [f"member: {member.ref}"[:64] for member in model.members] or None
+    return AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters)
 
 
 def scoord_polyline(region: Region, rows: int, columns: int) -> np.ndarray:
@@ -309,6 +317,11 @@ def _report_comments(model: ModelInfo) -> ContainerContentItem:
             "not reviewed by a radiologist. Probabilities are model outputs, not calibrated risks."
         )
     )
+    if model.members:
+        notes.append(_comment(
+            "Ensemble: probabilities are the mean of its members' and heatmaps the mean of their "
+            "activation maps; members: " + ", ".join(member.ref for member in model.members) + "."
+        ))
     container.ContentSequence = notes
     return container
 
