@@ -183,7 +183,9 @@ def activation_guard(registry: "ModelRegistry", entry: ModelEntry) -> list[str]:
         heldout = checked.meta.get("heldout") or {}
         for label, row in sorted((heldout.get("pathologies") or {}).items()):
             delta = row.get("delta_ci")
-            if delta and delta[1] is not None and delta[1] < 0:
+            if not delta or delta[1] is None or not (delta[1] == delta[1]):  # missing or NaN: cannot be shown no worse
+                objections.append(f"{checked.ref} {label}: no valid held-out comparison with the parent")
+            elif delta[1] < 0:
                 objections.append(
                     f"{checked.ref} {label}: held-out AUROC {row['candidate_auroc']:.3f} < parent "
                     f"{row['parent_auroc']:.3f} (95% CI of the difference {delta[0]:+.3f}..{delta[1]:+.3f})"

@@ -224,7 +224,7 @@ def register(sub, model, common) -> None:
     mf.add_argument("--from", dest="source", required=True, metavar="NAME@VERSION")
     labelled(mf)
     mf.add_argument("--epochs", type=int, required=True)
-    mf.add_argument("--lr", type=float, default=1e-4)
+    mf.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5)")
     mf.add_argument("--batch-size", type=int, default=8)
     mf.add_argument("--holdout", type=float, default=0.25, help="fraction of images held out (never trained on)")
     mf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 from dataclasses import dataclass
 
@@ -161,6 +162,9 @@ def _train(module: nn.Module, data, *, device: str, epochs: int, lr: float, batc
                 raise
             log.warning("fine-tuning on %s failed (%s); falling back to the CPU head", target, exc)
             continue
+        if not all(math.isfinite(v) for v in (after, *history)) or not all(
+                torch.isfinite(p).all() for p in candidate.parameters()):
+            raise ValueError(f"fine-tuning diverged (training loss {history}); nothing registered: lower --lr")
         trained = [n for n, p in candidate.named_parameters() if p.requires_grad]
         candidate.requires_grad_(False).eval().to("cpu")
         return candidate, {
@@ -172,7 +176,7 @@ def _train(module: nn.Module, data, *, device: str, epochs: int, lr: float, batc
 
 
 def finetune(registry: ModelRegistry, manager, parent_ref: str, labelled: LabelledSet, images_dir, *, epochs: int,
-             lr: float = 1e-4, batch_size: int = 8, holdout: float = 0.25, seed: int = 0, device: str = "auto",
+             lr: float = 1e-5, batch_size: int = 8, holdout: float = 0.25, seed: int = 0, device: str = "auto",
              version: str | None = None, resamples: int = 2000, progress: bool = True) -> Finetuned:
     """Train, compare with the parent on the held-out split, register (not activate) the candidate."""
     from pathlib import Path
