@@ -76,6 +76,7 @@ def export_onnx(model: LoadedModel, dest: str | os.PathLike, *, weights_sha256: 
     torch.onnx.export(
         graph, (probe,), str(dest), input_names=["image"], output_names=["logits", "features"],
         opset_version=OPSET, dynamo=True, dynamic_shapes={"image": {0: batch}}, verbose=False,
+        external_data=False,  # one self-contained file: hashed, loaded from bytes
     )
     session = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
     logits, features = session.run(None, {"image": probe.numpy()})

@@ -424,6 +424,17 @@ class ModelRegistry:
             return None
         return text if text in BACKENDS else None
 
+    def backend_pointer(self) -> tuple[str, int, int] | None:
+        """(backend, mtime_ns, inode) of BACKEND: setting it again (even to the same value) changes it,
+        so a node whose switch failed (no ONNX export yet) tries again."""
+        path = self.root / BACKEND_FILE
+        try:
+            st = path.stat()
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return (value, st.st_mtime_ns, st.st_ino) if value in BACKENDS else None
+
     def set_backend(self, backend: str | None) -> None:
         """Make a running node switch runtime (None: back to inference.backend)."""
         if backend is None:
@@ -564,7 +575,7 @@ class ModelManager:
         self.batcher = None  # inference.batcher.BatchingEngine once a model is loaded
         self.on_ready = None  # called once, with the batcher, when the first model is loaded
         self.backend: str | None = None  # the runtime of the engine being served
-        self._seen_pointer: tuple | None = None  # (ACTIVE pointer, backend) last acted on (loaded or failed)
+        self._seen_pointer: tuple | None = None  # (ACTIVE, BACKEND pointers, backend) last acted on (loaded or failed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -586,7 +597,7 @@ class ModelManager:
             self.registry.ensure_demo()
             self._hint_unimported_xrv_cache()
             pointer = self.registry.active_pointer()
-            self._seen_pointer = (pointer, backend)
+            self._seen_pointer = (pointer, self.registry.backend_pointer(), backend)
             engine = self._engine_for(pointer[0], backend)
         self._install(engine, backend)
         self._load_shadow(backend)
@@ -614,9 +625,10 @@ class ModelManager:
         with self._lock:
             pointer = self.registry.active_pointer()
             backend = self.wanted_backend()
-            if pointer is None or (pointer, backend) == self._seen_pointer:
+            seen = (pointer, self.registry.backend_pointer(), backend)
+            if pointer is None or seen == self._seen_pointer:
                 return False
-            self._seen_pointer = (pointer, backend)
+            self._seen_pointer = seen
             ref = pointer[0]
             running = self.batcher.model_info.ref if self.batcher is not None else None
             if ref == running and backend == self.backend:
