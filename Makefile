@@ -27,6 +27,7 @@ test: $(STAMP) peers
 bench: $(STAMP) peers
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/hostile_input.py
+	$(BIN)/python bench/onnx_runtime.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

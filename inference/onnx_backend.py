@@ -22,10 +22,12 @@ its engine cache with the provider option `trt_engine_cache_enable`).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +75,12 @@ def export_onnx(model: LoadedModel, dest: str | os.PathLike, *, weights_sha256: 
     graph = _Graph(model.module).to("cpu").eval()
     probe = synthetic_chest_phantoms(torch.Generator().manual_seed(4321), 3)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(
-        graph, (probe,), str(dest), input_names=["image"], output_names=["logits", "features"],
-        opset_version=OPSET, dynamo=True, dynamic_shapes={"image": {0: batch}}, verbose=False,
-        external_data=False,  # one self-contained file: hashed, loaded from bytes
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # the exporter prints its progress; stdout is the caller's
+        torch.onnx.export(
+            graph, (probe,), str(dest), input_names=["image"], output_names=["logits", "features"],
+            opset_version=OPSET, dynamo=True, dynamic_shapes={"image": {0: batch}}, verbose=False,
+            external_data=False,  # one self-contained file: hashed, loaded from bytes
+        )
     session = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
     logits, features = session.run(None, {"image": probe.numpy()})
     with torch.inference_mode():
