@@ -643,7 +643,8 @@ class ModelManager:
             self._install(engine, backend)
             if backend != previous_backend:
                 self._load_shadow(backend)
-            log.info("model switched: %s (%s) -> %s (%s)%s", running, previous_backend, ref, backend,
+            log.info("model switched: %s -> %s (runtime %s)%s", running, ref,
+                     backend if backend == previous_backend else f"{previous_backend} -> {backend}",
                      f" — {engine.model_info.caveat}" if engine.model_info.demo else "")
             return True
 

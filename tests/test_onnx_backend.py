@@ -107,7 +107,7 @@ def test_a_running_node_switches_runtime_without_restart(tmp_path):
         node.carina("model", "backend", "config")
         wait_until(lambda: node.api("/healthz")["model"]["backend"] == "torch", 120, what="back to torch")
         assert node.proc.pid == pid and node.proc.poll() is None  # the same process throughout
-        assert "(torch) -> densenet121-res224-all@demo-seed0 (onnxruntime)" in node.log_text()
+        assert f"model switched: {DEMO} -> {DEMO} (runtime torch -> onnxruntime)" in node.log_text()
         client.close()
     finally:
         node.stop()

@@ -177,3 +177,32 @@ def test_feedback_exports_as_a_labelled_set(shadowed):
         assert (instances / image.name).is_file()  # --images <data_dir>/instances finds every image
     counts = sorted(len(image.labels) for image in labelled.images)
     assert counts == [1, 2]  # image 3: Effusion only (its Cardiomegaly was "uncertain")
+
+
+def test_admin_page_shows_the_comparison_and_exports_csv(shadowed, tmp_path):
+    """/ui/shadow.html in Debian's Chromium (Playwright drives it; no browser download)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from peers import require_tool
+
+    node = shadowed["node"]
+    chromium = require_tool("chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(f"{node.url}/ui/shadow.html")
+            expect(page.locator("#login")).to_be_visible()  # no token yet: the API answered 401
+            page.fill("#token", node.token)
+            page.click("#save-token")
+            expect(page.locator("#model")).to_have_text(f"candidate {CANDIDATE}")
+            expect(page.locator("#shadow tbody tr")).to_have_count(len(CHESTXRAY14))
+            expect(page.locator("#summary")).to_contain_text("3 images in 3 studies")
+            with page.expect_download() as download:
+                page.click("#csv")
+            text = open(download.value.path()).read()
+            assert text.splitlines()[1].startswith("pathology,images,both_positive")
+            page.screenshot(path=str(tmp_path / "shadow.png"), full_page=True)
+        finally:
+            browser.close()
