@@ -27,7 +27,7 @@ from inference.cam import heatmaps_for_batch
 from inference.dicom_file import InflateLimitExceeded, dcmread_bounded
 from inference.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_dicom, decode_dicom_file, decode_png_or_jpeg
 from inference.model import LoadedModel
-from inference.preprocess import ModelInput, prepare_input
+from inference.preprocess import INPUT_SIZE, ModelInput, prepare_input
 from inference.regions import DEFAULT_LEVEL, find_regions
 from inference.severity import SeverityBands
 from inference.types import CHESTXRAY14, DecodedImage, Finding, Heatmaps, ImageResult, ModelInfo
@@ -75,6 +75,11 @@ class InferenceEngine:
     @property
     def model_info(self) -> ModelInfo:
         return self.model.info
+
+    # Which input `prepare` makes: a batcher re-prepares an image queued for an
+    # engine whose key differs (e.g. across a swap to an ensemble). Every
+    # DenseNet-121 here (torch or ONNX Runtime) sees the same xrv 224 input.
+    preprocessing: tuple = ("xrv", INPUT_SIZE)
 
     # --- the three steps ----------------------------------------------------------
 

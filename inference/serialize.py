@@ -43,13 +43,16 @@ def result_from_json(data: dict[str, Any], image: DecodedImage) -> ImageResult:
 
 
 def model_to_json(model: ModelInfo) -> dict[str, Any]:
-    return {
+    data = {
         "name": model.name,
         "version": model.version,
         "demo": model.demo,
         "weights_sha256": model.weights_sha256,
         "source_sha256": model.source_sha256,
     }
+    if model.members:  # only ensembles carry the key: single-model JSON is unchanged
+        data["members"] = [model_to_json(member) for member in model.members]
+    return data
 
 
 def model_from_json(data: dict[str, Any]) -> ModelInfo:
@@ -59,6 +62,7 @@ def model_from_json(data: dict[str, Any]) -> ModelInfo:
         demo=bool(data["demo"]),
         weights_sha256=data.get("weights_sha256"),
         source_sha256=data.get("source_sha256"),
+        members=tuple(model_from_json(member) for member in data.get("members", ())),
     )
 
 

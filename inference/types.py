@@ -42,6 +42,10 @@ class ModelInfo:
     # Of the file the operator imported (the torchxrayvision pickle), as verified
     # by `carina model import`; None for demo weights.
     source_sha256: str | None = None
+    # An ensemble's members, in registry order; empty for a single model. Kept
+    # out of the JSON (and so out of every output) when empty, so a single
+    # model's outputs are byte-identical to those written before ensembles.
+    members: tuple["ModelInfo", ...] = ()
 
     @property
     def ref(self) -> str:
@@ -51,6 +55,10 @@ class ModelInfo:
     @property
     def caveat(self) -> str | None:
         return DEMO_WARNING if self.demo else None
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
 
 
 @dataclass(frozen=True)

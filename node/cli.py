@@ -358,12 +358,14 @@ def cmd_model_import(args) -> int:
     return 0
 
 
-def _audit_activation(args, ref: str, previous: str | None, imported: bool = False) -> None:
+def _audit_activation(args, ref: str, previous: str | None, imported: bool = False, forced: bool = False) -> None:
     from node.audit import events, messages
 
     settings = _settings(args)
     db = _db(settings)
     what = ("imported and activated" if imported else "activated") + (f" (was {previous})" if previous else "")
+    if forced:
+        what += "; the activation guard's objections were overridden with --force"
     events.admin_action(_trail(settings, db), events.cli_actor(), messages.SOFTWARE_CONFIGURATION,
                         events.model_object(ref), what)
 
@@ -375,17 +377,26 @@ def cmd_model_list(args) -> int:
     if not entries:
         print(f"no models in {registry.root} yet (the demo entry is created when the node first starts)")
         return 0
-    print("active	model	kind	imported	source SHA-256	weights")
+    print("active	model	kind	imported	source SHA-256	weights	lineage")
     for e in entries:
         m = e.meta
         kind = "problem: " + m["problem"] if "problem" in m else ("DEMO (non-clinical)" if e.demo else "clinical")
+        if "ensemble" == m.get("kind"):
+            lineage = "ensemble of " + ", ".join(m.get("members", []))
+        elif "calibration" in m:
+            lineage = f"calibrated from {m.get('parent')}"
+        elif "finetune" in m:
+            lineage = f"fine-tuned from {m.get('parent')}"
+        else:
+            lineage = "-"
         print("\t".join([
             "*" if e.ref == active else "",
             e.ref,
             kind,
-            m.get("imported_at") or "-",
+            m.get("imported_at") or m.get("created_at") or "-",
             (m.get("source_sha256") or "-")[:16],
-            str(e.weights),
+            "-" if m.get("kind") == "ensemble" else str(e.weights),
+            lineage,
         ]))
     if active and active not in {e.ref for e in entries}:
         print(f"warning: ACTIVE names {active}, which is not in the registry", file=sys.stderr)
@@ -393,7 +404,7 @@ def cmd_model_list(args) -> int:
 
 
 def cmd_model_activate(args) -> int:
-    from node.models import RegistryError
+    from node.models import ActivationRefused, RegistryError
 
     registry = _registry(args)
     try:
@@ -402,14 +413,21 @@ def cmd_model_activate(args) -> int:
         if args.ref == f"{MODEL_NAME}@{demo_version(0)}":
             registry.ensure_demo()
         previous = registry.active_ref()
-        entry = registry.activate(args.ref)
+        # The activation guard (node/models.py activation_guard) may refuse; --force
+        # overrides it and the override is recorded in models/activations.jsonl.
+        entry = registry.activate(args.ref, force=args.force)
+    except ActivationRefused as exc:
+        print(f"carina: {exc}", file=sys.stderr)
+        return 3
     except RegistryError as exc:
         print(f"carina: {exc}", file=sys.stderr)
         return 2
-    _audit_activation(args, entry.ref, previous)
+    forced = bool(registry.activations()[-1].get("forced")) if registry.activations() else False
+    _audit_activation(args, entry.ref, previous, forced=forced)
     note = " — DEMO WEIGHTS, NOT FOR CLINICAL USE" if entry.demo else ""
     print(f"active: {entry.ref}{note} (was {previous or 'none'}); "
-          "a running node switches within inference.model_poll_seconds")
+          "a running node switches within inference.model_poll_seconds"
+          + ("; the activation guard's objections were overridden with --force (recorded)" if forced else ""))
     return 0
 
 
@@ -508,7 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     ml.set_defaults(func=cmd_model_list)
     ma = model.add_parser("activate", parents=[common], help="switch the active model (no restart needed)")
     ma.add_argument("ref", metavar="NAME@VERSION")
+    ma.add_argument("--force", action="store_true",
+                    help="activate although the activation guard objects (the override is recorded)")
     ma.set_defaults(func=cmd_model_activate)
+
+    from node.governance.cli import register as register_governance
+
+    register_governance(sub, model, common)  # eval, model calibrate|finetune|..., feedback export
     return parser
 
 

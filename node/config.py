@@ -193,6 +193,27 @@ class InferenceSettings(_Strict):
     )
     # POST /api/v1/predict refuses larger uploads with 413.
     predict_max_upload_mb: float = Field(default=64.0, gt=0)
+    # Runtime: torch, or ONNX Runtime on the graph `carina model export-onnx` wrote
+    # beside the weights. `carina model backend` switches a running node.
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    # onnxruntime execution providers in order; empty picks TensorRT > CUDA > CPU
+    # among those installed (TensorRT needs the onnxruntime-gpu build).
+    onnx_providers: list[str] = Field(default_factory=list)
+    # Shadow mode: NAME@VERSION of a candidate scored beside the active model on
+    # every routed study; its results are stored (shadow_results), never delivered.
+    shadow: str | None = None
+
+    @field_validator("shadow")
+    @classmethod
+    def _model_ref(cls, v: str | None) -> str | None:
+        if v:
+            from node.models import RegistryError, parse_ref
+
+            try:
+                parse_ref(v)
+            except RegistryError as exc:
+                raise ValueError(str(exc)) from None
+        return v or None
 
     @field_validator("weights")
     @classmethod

@@ -464,6 +464,53 @@ class AuditForwarding(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=now)
 
 
+class ShadowResult(Base):
+    """The shadow model's answer for one image of one study version, beside the
+    active model's (node/shadow.py). Never read by encode or deliver: nothing
+    here is ever published."""
+
+    __tablename__ = "shadow_results"
+    __table_args__ = (UniqueConstraint("study_id", "study_version", "sop_instance_uid", "shadow_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    active_model: Mapped[str] = mapped_column(String(140))  # name@version
+    shadow_model: Mapped[str] = mapped_column(String(140), index=True)
+    # JSON lists of 14 floats in CHESTXRAY14 order.
+    active_probabilities: Mapped[str] = mapped_column(Text)
+    active_thresholds: Mapped[str] = mapped_column(Text)
+    shadow_probabilities: Mapped[str] = mapped_column(Text)
+    shadow_thresholds: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class Feedback(Base):
+    """A radiologist's verdict on one AI finding of one image (node/feedback.py).
+
+    The model's verdict it judged is kept with it (`model_positive`), so what
+    "agree" meant does not change when the study is scored again. One row per
+    author and finding per study version; only its author edits it."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("study_id", "study_version", "sop_instance_uid", "label", "user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(32))  # a CHESTXRAY14 label
+    verdict: Mapped[str] = mapped_column(String(16))  # node.states.FeedbackVerdict
+    comment: Mapped[str] = mapped_column(Text, default="")
+    user: Mapped[str] = mapped_column(String(64))
+    model_ref: Mapped[str] = mapped_column(String(140))
+    model_positive: Mapped[bool] = mapped_column(Boolean)
+    model_probability: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    updated_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 def _tune_sqlite(engine: Engine) -> None:
     # WAL lets readers proceed beside the writer; synchronous=FULL makes a
     # commit durable before C-STORE success goes out; busy_timeout queues

@@ -57,3 +57,11 @@ class Priority(StrEnum):
     @property
     def rank(self) -> int:
         return list(Priority).index(self)
+
+
+class FeedbackVerdict(StrEnum):
+    """A radiologist's verdict on one AI finding (node/feedback.py)."""
+
+    AGREE = "agree"  # the model's verdict (positive or negative) is right
+    DISAGREE = "disagree"  # it is wrong: the truth is the opposite
+    UNCERTAIN = "uncertain"  # cannot tell: excluded from every labelled set

@@ -17,6 +17,7 @@ from node.api.fhir_routes import router as fhir_router
 from node.api.headers import SecurityHeaders
 from node.api.policy import Permission, check_policies, mount_public, public, require
 from node.api.predict import router as predict_router
+from node.api.shadow import router as shadow_router
 from node.context import NodeContext
 
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
@@ -35,6 +36,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.include_router(predict_router)  # POST /api/v1/predict
     app.include_router(ops.probes)  # /readyz, /metrics
     app.include_router(ops.admin)  # /api/v1/admin/...
+    app.include_router(shadow_router)  # GET /api/v1/shadow[.csv]: admin-only
     mount_public(app, "/ui", StaticFiles(directory=UI_DIR), "ui", "the web UI's scripts and styles; no patient data")
 
     @app.get(OPENAPI_PATH, include_in_schema=False, dependencies=[require(Permission.SESSION)])
@@ -55,6 +57,10 @@ def create_app(ctx: NodeContext) -> FastAPI:
         info = node.model_info
         if info is not None:
             body["model"] = {"name": info.name, "version": info.version, "demo": info.demo, "caveat": info.caveat}
+            if node.models is not None:  # the runtime and the shadow candidate (model governance)
+                body["model"]["backend"] = node.models.backend
+                shadow_info = getattr(node.engine, "shadow_model_info", None)
+                body["model"]["shadow"] = None if shadow_info is None else shadow_info.ref
         return JSONResponse(body)
 
     @app.get("/", include_in_schema=False, dependencies=[public("the UI shell; it loads data only after login")])

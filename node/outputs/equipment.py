@@ -52,6 +52,8 @@ def algorithm_equipment(
     if contributed_at is not None:
         item.ContributionDateTime = DT(contributed_at)
     description = "AI inference (chest X-ray findings)"
+    if model.members:  # ensembles only: a single model's item is unchanged
+        description += " by an ensemble of " + ", ".join(member.ref for member in model.members)
     if model.caveat:
         # Nested text: ASCII, so dcmjs (OHIF) reads it as written (node/outputs/text.py).
         description += f" - {plain(model.caveat)}"

@@ -243,6 +243,12 @@ def _device(model: ModelInfo) -> dict:
         },
         "version": versions,
     }
+    for member in model.members:  # an ensemble names every member (single models: none)
+        device["deviceName"].append({"name": f"ensemble member {member.ref}", "type": "other"})
+        versions.append({"type": {"text": f"ensemble member {member.name}"}, "value": member.version})
+        if member.weights_sha256:
+            versions.append({"type": {"text": f"ensemble member {member.ref} weights SHA-256"},
+                             "value": member.weights_sha256})
     if model.demo:
         device["note"] = [{"text": f"{DEMO_WARNING}: demonstration weights, not a validated model."}]
     return device

@@ -139,7 +139,7 @@ def build_sr(
     study_uid = study.study_uid
     source_uids = [str(ds.SOPInstanceUID) for ds in headers]
 
-    algorithm = AlgorithmIdentification(name=model.name, version=model.version)
+    algorithm = algorithm_identification(model)
     findings = [(header, finding) for header, image in zip(headers, study.images) for finding in image.findings]
     report = _measurement_report(
         observation_context=_observation_context(model, manufacturer),
@@ -192,6 +192,14 @@ def build_sr(
     drop_invalid_optional_patient_study(sr)
     declare_character_set(sr)
     return sr
+
+
+def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
+    """TID 4019 for the model; an ensemble names every member as an Algorithm
+    Parameter (111002) "member: NAME@VERSION", so the SR says which networks voted.
+    A single model has no parameters (its SR is unchanged)."""
+    parameters = [f"member: {member.ref}"[:64] for member in model.members] or None
+    return AlgorithmIdentification(name=model.name, version=model.version, parameters=parameters)
 
 
 def tracking_uid(source_sop_uid: str, model_ref: str, label: str) -> str:
@@ -392,6 +400,11 @@ def _qualitative_evaluations(model: ModelInfo, evaluations: list[CodeContentItem
             "not reviewed by a radiologist. Probabilities are model outputs, not calibrated risks."
         )
     )
+    if model.members:
+        notes.append(_comment(
+            "Ensemble: probabilities are the mean of its members' and heatmaps the mean of their "
+            "activation maps; members: " + ", ".join(member.ref for member in model.members) + "."
+        ))
     container.ContentSequence = [*evaluations, *notes]
     return container
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from inference import DecodeError, DecodedImage, decode_dicom
 from inference.dicom_file import dcmread_bounded
 from inference.types import ImageResult
-from node import results, triage
+from node import results, shadow, triage
 from node.context import NodeContext
 from node.db import UID_SALT, Instance, Job, Study, get_meta
 from node.events import EventKind, record_event
@@ -74,6 +74,8 @@ class Inferred:
     assessments: tuple[Assessment, ...]
     scored: ScoredStudy | None  # None: nothing could be scored
     refusal: str = ""  # why the study as a whole is not scored (its images disagree on the patient)
+    # Shadow mode (node/shadow.py): the candidate's answers, stored beside, never published.
+    shadow: shadow.ShadowScores | None = None
 
 
 def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> InferWork:
@@ -127,11 +129,17 @@ def run(ctx: NodeContext, work: InferWork) -> Inferred:
     # No lock: ctx.engine is the batching worker, which merges this study's
     # images with other workers' and API calls' into shared batches, and
     # returns all of one call's results from the same model.
-    predictions = ctx.engine.predict([a.image for a in scoreable])
+    images = [a.image for a in scoreable]
+    if getattr(ctx.engine, "shadow_model_info", None) is not None:  # shadow mode: one batcher, both models
+        predictions, shadowed = ctx.engine.predict_with_shadow(images)
+    else:
+        predictions, shadowed = ctx.engine.predict(images), None
     scored = scored_study(ctx, work, [a.header for a in scoreable], predictions)
     for a in scoreable:
         keep_display(ctx, work, a.candidate.sop_uid, a.image)
-    return Inferred(assessed, scored)
+    candidate = None if shadowed is None else shadow.ShadowScores.of(
+        [a.candidate.sop_uid for a in scoreable], predictions, shadowed)
+    return Inferred(assessed, scored, candidate)
 
 
 def scored_study(ctx: NodeContext, work: InferWork, headers: list[Dataset], predictions: list[ImageResult]) -> ScoredStudy:
@@ -186,5 +194,7 @@ def settle(ctx: NodeContext, session: Session, study: Study, inferred: Inferred)
         log.info("study %s %s: %s", study.study_uid, study.state, study.reason)
         return
     results.store(session, study.id, scored)
+    if inferred.shadow is not None:
+        shadow.store(session, study.id, scored.version, inferred.shadow)
     triage.record(session, study.id, scored.version, scored.triage)
     enqueue(session, study.id, Stage.ENCODE, scored.version)
