@@ -75,6 +75,15 @@ def examples(rig) -> dict[tuple[str, str], tuple[callable, int]]:
         ("GET", "/"): (lambda: {}, 200),
         ("GET", "/login"): (lambda: {}, 200),
         ("GET", "/audit"): (lambda: {}, 200),
+        ("GET", "/readyz"): (lambda: {}, 503),  # the rig runs no SCP and loads no model: public, and not ready
+        ("GET", "/metrics"): (lambda: {}, 200),
+        ("GET", "/api/v1/admin/status"): (lambda: {}, 200),
+        ("GET", "/api/v1/admin/dead-letters"): (lambda: {}, 200),
+        ("POST", "/api/v1/admin/dead-letters/retry"): (lambda: {}, 200),
+        ("GET", "/api/v1/admin/events"): (lambda: {}, 200),
+        ("GET", "/api/v1/admin/failed-studies"): (lambda: {}, 200),
+        ("GET", "/api/v1/shadow"): (lambda: {}, 200),
+        ("GET", "/api/v1/shadow.csv"): (lambda: {}, 200),
     }
 
 
