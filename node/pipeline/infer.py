@@ -122,7 +122,7 @@ def run(ctx: NodeContext, work: InferWork) -> Inferred:
     # the study as a whole, before spending the model on it.
     refusal = patient_disagreement([a.header for a in assessed if a.header is not None])
     if refusal:
-        return Inferred(assessed, None, refusal)
+        return Inferred(assessed, None, refusal=refusal)
     scoreable = [a for a in assessed if a.image is not None]
     if not scoreable:
         return Inferred(assessed, None)
@@ -139,7 +139,7 @@ def run(ctx: NodeContext, work: InferWork) -> Inferred:
         keep_display(ctx, work, a.candidate.sop_uid, a.image)
     candidate = None if shadowed is None else shadow.ShadowScores.of(
         [a.candidate.sop_uid for a in scoreable], predictions, shadowed)
-    return Inferred(assessed, scored, candidate)
+    return Inferred(assessed, scored, shadow=candidate)
 
 
 def scored_study(ctx: NodeContext, work: InferWork, headers: list[Dataset], predictions: list[ImageResult]) -> ScoredStudy:
