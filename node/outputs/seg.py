@@ -74,7 +74,8 @@ def build_segmentation(
     pixels = np.stack([mask(f, rows, columns) for f in findings], axis=-1)[np.newaxis]
     spatial = all(k in header for k in _PLANE)
     source = header if spatial else _without_frame_of_reference(header)
-    sop_uid = uids.seg_instance_uid(str(header.SOPInstanceUID), model.ref)
+    sop_uid = uids.seg_instance_uid(str(header.SOPInstanceUID), model.ref,
+                                    *study.output_uid_qualifiers(str(header.SOPInstanceUID)))
     caveat = plain_caveat(model)
 
     seg = Segmentation(

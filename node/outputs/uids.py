@@ -50,11 +50,11 @@ def device_uid(model_name: str, model_version: str, weights_sha256: str | None) 
     return derived_uid("device", model_name, model_version, weights_sha256 or "demo")
 
 
-def seg_instance_uid(source_sop_uid: str, model_ref: str) -> str:
+def seg_instance_uid(source_sop_uid: str, model_ref: str, *qualifiers: str) -> str:
     """One SEG per scored image and model (like its SCs: same findings, same object)."""
-    return derived_uid("seg", source_sop_uid, model_ref)
+    return derived_uid("seg", source_sop_uid, model_ref, *[q for q in qualifiers if q])
 
 
-def gsps_instance_uid(source_sop_uid: str, model_ref: str) -> str:
+def gsps_instance_uid(source_sop_uid: str, model_ref: str, *qualifiers: str) -> str:
     """One GSPS per scored image and model."""
-    return derived_uid("gsps", source_sop_uid, model_ref)
+    return derived_uid("gsps", source_sop_uid, model_ref, *[q for q in qualifiers if q])
