@@ -14,13 +14,17 @@ patient data.
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import re
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from node import shadow
 from node.api.policy import Permission, require
 
 router = APIRouter(prefix="/api/v1", dependencies=[require(Permission.ADMIN)])
+# NAME@VERSION as the registry names models (node/models.py); anything else is a 422.
+MODEL_REF = Query(None, max_length=140, pattern=r"^[A-Za-z0-9._+-]+@[A-Za-z0-9._+-]+$")
 
 
 def _view(request: Request, model: str | None) -> dict:
@@ -30,15 +34,15 @@ def _view(request: Request, model: str | None) -> dict:
 
 
 @router.get("/shadow")
-def shadow_json(request: Request, model: str | None = None) -> dict:
+def shadow_json(request: Request, model: str | None = MODEL_REF) -> dict:
     view = _view(request, model)
     view["configured_shadow"] = request.app.state.node.settings.inference.shadow
     return view
 
 
 @router.get("/shadow.csv")
-def shadow_csv(request: Request, model: str | None = None) -> Response:
+def shadow_csv(request: Request, model: str | None = MODEL_REF) -> Response:
     view = _view(request, model)
-    name = (view["shadow_model"] or "none").replace("@", "_")
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", view["shadow_model"] or "none")  # a header value: ASCII only
     return Response(shadow.to_csv(view), media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="shadow-{name}.csv"'})
