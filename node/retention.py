@@ -32,7 +32,7 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
 from node.context import NodeContext
-from node.db import Instance, InstanceRevision, Job, Output, PurgeFile, Study, server_now
+from node.db import Instance, InstanceRevision, Job, JobError, Output, PurgeFile, server_now, Study
 from node.events import EventKind, record_event
 from node.states import JobState, StudyState
 from node.storage import study_dir
@@ -151,6 +151,8 @@ def _purge_jobs(ctx: NodeContext, report: PurgeReport, cutoff: float) -> None:
                                  .order_by(Job.id).limit(BATCH)))
             if not ids:
                 return
+            # A job's error texts (admin-only, may quote a peer) go with it.
+            s.execute(delete(JobError).where(JobError.job_id.in_(ids)))
             s.execute(delete(Job).where(Job.id.in_(ids), Job.state == JobState.DONE))
             report.jobs += len(ids)
 

@@ -47,7 +47,9 @@ def tour(tmp_path_factory):
     node = CarinaNode(work / "carina", destinations=[
         {"name": "pacs", "type": "dicom", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port},
         {"name": "ehr", "type": "fhir", "base_url": ehr.base_url, "timeout_seconds": 10},
-    ], extra={"inference": {"device": "cpu"}, "pipeline": {"max_attempts": 2}})
+    ], extra={"inference": {"device": "cpu"}, "pipeline": {"max_attempts": 2},
+              # Deliveries give up by time: a refusing PACS is dead-lettered after a few seconds here.
+              "delivery": {"base_seconds": 0.2, "max_seconds": 0.5, "give_up_after_seconds": 2}})
     try:
         node.create_token()  # admin
         node.start()
