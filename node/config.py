@@ -358,13 +358,40 @@ class PipelineSettings(_Strict):
     backoff_max_seconds: float = Field(default=300.0, gt=0)
 
 
+# Debian's fonts-dejavu-core (scripts/ensure-peers.sh installs it): DejaVu Sans
+# has every glyph the report prints (the em dash of the demo caveat included)
+# and the Latin, Greek and Cyrillic of patient names.
+DEJAVU_DIR = Path("/usr/share/fonts/truetype/dejavu")
+
+
+class ReportPdfSettings(_Strict):
+    """The printable PDF report (node/outputs/pdf_report.py), one per study version.
+
+    It is rendered when any of its three uses is on: the DICOM Encapsulated PDF
+    (`pdf` in `outputs.kinds`), `fhir` or `download`."""
+
+    # DiagnosticReport.presentedForm: the PDF inline (application/pdf, base64),
+    # in the FHIR API and in every FHIR push.
+    fhir: bool = True
+    # GET /api/v1/studies/{uid}/report.pdf (viewer and up).
+    download: bool = True
+    # A directory holding DejaVuSans.ttf and DejaVuSans-Bold.ttf.
+    font_dir: Path = DEJAVU_DIR
+
+
 class OutputSettings(_Strict):
     """Which DICOM objects the encode stage writes and DICOM destinations receive."""
 
     # sr: TID 1500 SR (every finding); sc: burned-in heatmap Secondary Captures;
     # seg: a DICOM Segmentation per image (overlays OHIF toggles); gsps: a
-    # presentation state per image (graphic layers a classic PACS toggles).
+    # presentation state per image (graphic layers a classic PACS toggles);
+    # pdf: the printable report as a DICOM Encapsulated PDF.
     kinds: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
+    report_pdf: ReportPdfSettings = Field(default_factory=ReportPdfSettings)
+
+    @property
+    def renders_pdf(self) -> bool:
+        return OutputKind.PDF in self.kinds or self.report_pdf.fhir or self.report_pdf.download
 
     @field_validator("kinds")
     @classmethod
@@ -471,6 +498,15 @@ class ConfigError(Exception):
 
 def check_serve(settings: Settings) -> None:
     """What `carina serve` needs beyond a valid file (other subcommands do not)."""
+    if settings.outputs.renders_pdf:
+        fonts = settings.outputs.report_pdf.font_dir
+        missing = [name for name in ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf") if not (fonts / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"outputs.report_pdf.font_dir: {', '.join(missing)} not found in {fonts}; install Debian's "
+                "fonts-dejavu-core, point font_dir at DejaVu Sans, or turn the PDF report off "
+                "(drop pdf from outputs.kinds and set outputs.report_pdf.fhir and .download to false)"
+            )
     dicom = settings.dicom
     if not dicom.peers and not dicom.accept_any_peer:
         raise ConfigError(

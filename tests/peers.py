@@ -442,14 +442,15 @@ def orthanc_study_series(pacs: "Orthanc", study_uid: str) -> list[dict]:
 
 
 # Carina's output series: the kind each holds and its modality (an SC keeps its source's).
-CARINA_SERIES = {"9901": ("sr", "SR"), "9902": ("sc", None), "9903": ("seg", "SEG"), "9904": ("gsps", "PR")}
+CARINA_SERIES = {"9901": ("sr", "SR"), "9902": ("sc", None), "9903": ("seg", "SEG"), "9904": ("gsps", "PR"),
+                 "9905": ("pdf", "DOC")}
 
 
 def carina_outputs_in_orthanc(pacs: "Orthanc", study_uid: str) -> dict[str, int]:
     """How many instances of each Carina output kind Orthanc holds for a study:
-    SR (series 9901), SC (9902), SEG (9903), GSPS (9904); anything else,
-    the sources included, is "other"; "series" counts Carina's series."""
-    counts = {"sr": 0, "sc": 0, "seg": 0, "gsps": 0, "other": 0, "series": 0}
+    SR (series 9901), SC (9902), SEG (9903), GSPS (9904), PDF (9905); anything
+    else, the sources included, is "other"; "series" counts Carina's series."""
+    counts = {"sr": 0, "sc": 0, "seg": 0, "gsps": 0, "pdf": 0, "other": 0, "series": 0}
     for series in orthanc_study_series(pacs, study_uid):
         tags = series["MainDicomTags"]
         kind, modality = CARINA_SERIES.get(str(tags.get("SeriesNumber")), ("other", None))
@@ -462,13 +463,14 @@ def carina_outputs_in_orthanc(pacs: "Orthanc", study_uid: str) -> dict[str, int]
 
 def expected_outputs(view: dict, versions: int = 1) -> dict[str, int]:
     """What Carina delivers for a study view (/api/v1/studies/{uid}) with every
-    output kind on: one SR per version; per scored image one SC per positive
-    finding plus a summary, and a SEG and a GSPS when a positive finding has a
-    region; the series they fill."""
+    output kind on: one SR and one Encapsulated PDF per version; per scored
+    image one SC per positive finding plus a summary, and a SEG and a GSPS when
+    a positive finding has a region; the series they fill."""
     images = view["images"]
     drawn = sum(1 for img in images if any(f["positive"] and f["regions"] for f in img["findings"]))
-    counts = {"sr": versions, "sc": positives(view) + len(images), "seg": drawn, "gsps": drawn, "other": 0}
-    counts["series"] = sum(1 for kind in ("sr", "sc", "seg", "gsps") if counts[kind])
+    counts = {"sr": versions, "sc": positives(view) + len(images), "seg": drawn, "gsps": drawn, "pdf": versions,
+              "other": 0}
+    counts["series"] = sum(1 for kind in ("sr", "sc", "seg", "gsps", "pdf") if counts[kind])
     return counts
 
 

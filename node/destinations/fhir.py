@@ -44,8 +44,9 @@ from node.config import FhirDestination
 from node.context import NodeContext
 from node.db import Study
 from node.jobs import PermanentError, RetryableError
-from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM, build_report_resources
+from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM, build_report_resources, pdf_attachment
 from node.scored_study import ScoredStudy
+from node.storage import report_pdf_path
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,20 @@ FHIR_JSON = "application/fhir+json"
 class FhirDelivery:
     destination: FhirDestination
     scored: ScoredStudy
+    pdf: bytes | None = None  # the printable report, attached as presentedForm
 
 
 def load(ctx: NodeContext, session: Session, study: Study, destination: FhirDestination) -> FhirDelivery:
-    return FhirDelivery(destination, results.load(session, study.id, study.version))
+    scored = results.load(session, study.id, study.version)
+    return FhirDelivery(destination, scored, report_pdf(ctx, scored))
+
+
+def report_pdf(ctx: NodeContext, scored: ScoredStudy) -> bytes | None:
+    """The version's PDF as encode wrote it, when FHIR is to carry it (outputs.report_pdf.fhir)."""
+    if not ctx.settings.outputs.report_pdf.fhir:
+        return None
+    path = report_pdf_path(ctx.outputs_dir, scored.calling_ae, scored.study_uid, scored.version)
+    return path.read_bytes() if path.exists() else None
 
 
 # The Bundle lists the report, what it references, then who made it.
@@ -70,7 +81,9 @@ _BUNDLE_ORDER = ("DiagnosticReport", "Observation", "ImagingStudy", "Patient", "
 def send(ctx: NodeContext, work: FhirDelivery) -> None:
     destination, scored = work.destination, work.scored
     # The same builder as the FHIR API's stored resources: the same input gives the same JSON.
-    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system)
+    presented = pdf_attachment(work.pdf, scored) if work.pdf is not None else None
+    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system,
+                                       presented_form=presented)
     resources.sort(key=lambda r: _BUNDLE_ORDER.index(r["resourceType"]))
     bundle = transaction_bundle(resources, send_patient=destination.send_patient)
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **auth_headers(destination)}
