@@ -314,7 +314,28 @@ class Hl7Destination(_Strict):
     patient_id_authority: str = ""
 
 
-Destination = Annotated[Union[DicomDestination, FhirDestination, Hl7Destination], Field(discriminator="type")]
+class DicomWebDestination(_Strict):
+    """A PACS or archive that takes STOW-RS: every DICOM output of each version,
+    POSTed to `<base_url>/studies/<StudyInstanceUID>` (node/destinations/dicomweb.py)."""
+
+    name: str
+    type: Literal["dicomweb"]
+    base_url: str  # the DICOMweb root, e.g. https://pacs.example.org/dicom-web
+    auth: Annotated[Union[BearerAuth, BasicAuth], Field(discriminator="type")] | None = None
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    # TLS: true (system CAs), false (no verification; test rigs only) or a CA bundle path.
+    verify_tls: bool | str = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("base_url must be an http(s) URL, e.g. https://pacs.example.org/dicom-web")
+        return value.rstrip("/")
+
+
+Destination = Annotated[Union[DicomDestination, FhirDestination, Hl7Destination, DicomWebDestination],
+                        Field(discriminator="type")]
 
 
 class TriageSettings(_Strict):
@@ -407,6 +428,40 @@ class OutputSettings(_Strict):
         return value
 
 
+class StowSender(_Strict):
+    """A client allowed to STOW-RS studies in: its API token and the source name
+    its studies are keyed by, in place of a DICOM calling AE title."""
+
+    token: str  # the token's name (`carina token create --name NAME --role integration`)
+    source: str  # 1-16 characters, like an AE title; several tokens may share one
+
+    _check_source = field_validator("source")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class DicomWebSettings(_Strict):
+    """DICOMweb at /dicomweb: STOW-RS in, QIDO-RS and WADO-RS over Carina's outputs."""
+
+    enabled: bool = True
+    # Who may STOW-RS studies in; any other token gets 403. Empty: nobody.
+    stow_senders: list[StowSender] = Field(default_factory=list)
+    # One part (instance) larger than this fails with 0xA700; a request larger
+    # than max_request_mb is refused with 413 (at once when it says its length).
+    max_part_mb: float = Field(default=2048, gt=0)
+    max_request_mb: float = Field(default=8192, gt=0)
+
+    @field_validator("stow_senders")
+    @classmethod
+    def _one_source_per_token(cls, value: list[StowSender]) -> list[StowSender]:
+        tokens = [s.token for s in value]
+        twice = sorted({t for t in tokens if tokens.count(t) > 1})
+        if twice:
+            raise ValueError(f"each token once; repeated: {', '.join(twice)}")
+        return value
+
+    def source_of(self, token_name: str) -> str | None:
+        return next((s.source for s in self.stow_senders if s.token == token_name), None)
+
+
 class RateLimit(_Strict):
     """At most `requests` in any `per_seconds` window; beyond that 429 with Retry-After."""
 
@@ -472,6 +527,7 @@ class Settings(BaseSettings):
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
 
     @field_validator("destinations")
     @classmethod

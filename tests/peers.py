@@ -570,3 +570,18 @@ def node_with_pacs(workdir: Path, *, start: bool = True, **node_kwargs):
     finally:
         node.stop()
         pacs.stop()
+
+
+# Orthanc's DICOMweb plugin (Debian orthanc-dicomweb): STOW-RS, QIDO-RS and
+# WADO-RS at /dicom-web/, and a STOW-RS client to the servers it is given.
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_dicomweb(servers: dict | None = None) -> dict:
+    """The Orthanc configuration keys that load the DICOMweb plugin at /dicom-web/.
+    `servers` are the DICOMweb servers it may send to ("DicomWeb.Servers")."""
+    if not ORTHANC_DICOMWEB_PLUGIN.exists():
+        pytest.fail(f"{ORTHANC_DICOMWEB_PLUGIN} is missing; `make test` installs orthanc-dicomweb "
+                    "(scripts/ensure-peers.sh)")
+    return {"Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers or {}}}

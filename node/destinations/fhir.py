@@ -87,9 +87,7 @@ def send(ctx: NodeContext, work: FhirDelivery) -> None:
     resources.sort(key=lambda r: _BUNDLE_ORDER.index(r["resourceType"]))
     bundle = transaction_bundle(resources, send_patient=destination.send_patient)
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **auth_headers(destination)}
-    auth = None
-    if destination.auth is not None and destination.auth.type == "basic":
-        auth = httpx.BasicAuth(destination.auth.username, _secret(destination, destination.auth.password_env))
+    auth = basic_auth(destination)
     try:
         with httpx.Client(timeout=destination.timeout_seconds, verify=destination.verify_tls) as client:
             response = client.post(destination.base_url, content=json.dumps(bundle).encode(), headers=headers,
@@ -105,13 +103,21 @@ def send(ctx: NodeContext, work: FhirDelivery) -> None:
              len(bundle["entry"]), destination.name, scored.study_uid, scored.version, scored.report_id)
 
 
-def auth_headers(destination: FhirDestination) -> dict:
+def auth_headers(destination) -> dict:
+    """Bearer credentials of an HTTP destination (FHIR, DICOMweb), read from the environment now."""
     if destination.auth is not None and destination.auth.type == "bearer":
         return {"Authorization": f"Bearer {_secret(destination, destination.auth.token_env)}"}
     return {}
 
 
-def _secret(destination: FhirDestination, variable: str) -> str:
+def basic_auth(destination) -> httpx.BasicAuth | None:
+    """HTTP Basic credentials of an HTTP destination, the password read from the environment now."""
+    if destination.auth is not None and destination.auth.type == "basic":
+        return httpx.BasicAuth(destination.auth.username, _secret(destination, destination.auth.password_env))
+    return None
+
+
+def _secret(destination, variable: str) -> str:
     value = os.environ.get(variable, "")
     if not value:
         # Retrying cannot help until an operator sets it; `carina jobs retry` then resends.
