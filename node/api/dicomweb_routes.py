@@ -85,11 +85,11 @@ def _sender(request: Request, node) -> str:
 
 async def _stow(request: Request, study_uid: str | None) -> Response:
     node = _node(request)
-    source = _sender(request, node)
     settings = node.settings.dicomweb
     kind, params = media_type(request.headers.get("content-type", ""))
     if kind != "multipart/related" or params.get("type", DICOM).lower() != DICOM:
         raise HTTPException(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    source = _sender(request, node)
     max_request = int(settings.max_request_mb * MiB)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_request:
