@@ -34,6 +34,7 @@ test: $(STAMP) peers $(JS_STAMP)
 bench: $(STAMP) peers
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/hostile_input.py
+	$(BIN)/python bench/dicomweb.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache $(JS)/node_modules

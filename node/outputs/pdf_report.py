@@ -313,7 +313,7 @@ def _heatmap_flowable(picture: np.ndarray, width: float) -> Image:
     shown.save(jpeg, format="JPEG", quality=HEATMAP_JPEG_QUALITY, optimize=False, progressive=False)
     jpeg.seek(0)
     height = width * shown.height / shown.width
-    max_height = 95 * mm
+    max_height = 72 * mm  # so a one-image report keeps its heatmap on the first page
     if height > max_height:
         width, height = width * max_height / height, max_height
     return Image(jpeg, width=width, height=height)
