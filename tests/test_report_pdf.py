@@ -275,3 +275,24 @@ def test_serve_refuses_to_start_without_the_font(tmp_path):
     check_serve(Settings(dicom={"accept_any_peer": True},
                          outputs={"kinds": ["sr"], "report_pdf": {"fhir": False, "download": False,
                                                                   "font_dir": str(tmp_path)}}))
+
+
+def test_the_fhir_push_carries_the_pdf_the_ehr_files(tmp_path):
+    from fhir_peer import FhirTestServer
+
+    ehr = FhirTestServer().start()
+    try:
+        rig = PipelineRig(tmp_path, destinations=[{"name": "ehr", "type": "fhir", "base_url": ehr.base_url}])
+        study_id, ds = rig.add_study(FINDINGS)
+        rig.encode(study_id)
+        assert rig.run_deliveries(study_id)["ehr"].state == JobState.DONE
+        report = report_pdf_path(rig.ctx.outputs_dir, "MODALITY", str(ds.StudyInstanceUID), 1).read_bytes()
+        rig.close()
+        [bundle] = ehr.bundles
+        [entry] = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+        [form] = entry["resource"]["presentedForm"]
+        assert base64.b64decode(form["data"]) == report and form["contentType"] == "application/pdf"
+        [stored] = ehr.of_type("DiagnosticReport")  # as the EHR keeps it
+        assert base64.b64decode(stored["presentedForm"][0]["data"]) == report
+    finally:
+        ehr.stop()
