@@ -36,6 +36,7 @@ bench: $(STAMP) peers
 	$(BIN)/python bench/hostile_input.py
 	$(BIN)/python bench/receive_hash.py
 	$(BIN)/python bench/onnx_runtime.py
+	$(BIN)/python bench/dicomweb.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache $(JS)/node_modules

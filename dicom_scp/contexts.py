@@ -49,3 +49,17 @@ def other_storage_classes() -> list[str]:
         for cx in StoragePresentationContexts
         if cx.abstract_syntax not in CHEST_CAPABLE_SOP_CLASSES
     ]
+
+
+def accepts(sop_class: str, transfer_syntax: str) -> bool:
+    """Whether the SCP would take an instance of this class in this syntax (what
+    it negotiates): chest classes in a decodable syntax, other storage classes
+    in any syntax pynetdicom knows. STOW-RS intake applies the same rule."""
+    if sop_class in CHEST_CAPABLE_SOP_CLASSES:
+        return transfer_syntax in decodable_transfer_syntaxes()
+    return sop_class in _other_storage_classes() and transfer_syntax in ALL_TRANSFER_SYNTAXES
+
+
+@lru_cache(maxsize=1)
+def _other_storage_classes() -> frozenset[str]:
+    return frozenset(other_storage_classes())

@@ -98,7 +98,8 @@ class Refusal(Exception):
 
 
 def _header_fields(path: Path, max_inflated_bytes: int) -> dict[str, str]:
-    """The few header values the receiver records, as stripped text.
+    """The few header values the receiver records, as stripped text, plus the
+    file's TransferSyntaxUID (from its File Meta).
 
     A Deflated dataset is inflated in chunks up to `max_inflated_bytes`
     (InflateLimitExceeded beyond); nothing else is inflated or decoded.
@@ -109,6 +110,39 @@ def _header_fields(path: Path, max_inflated_bytes: int) -> dict[str, str]:
     for keyword in _HEADER_TAGS[1:]:
         value = header.get(keyword, "")
         fields[keyword] = "" if value is None else str(value).strip()
+    meta = getattr(header, "file_meta", None)
+    fields["TransferSyntaxUID"] = str((meta or {}).get("TransferSyntaxUID", "") or "").strip()
+    return fields
+
+
+def check_header(path: Path, max_inflated_bytes: int, *, sop_class_uid: str | None = None,
+                 sop_instance_uid: str | None = None) -> dict[str, str]:
+    """The header check every intake shares (the C-STORE handler here, STOW-RS in
+    node/api/dicomweb_routes.py): the header fields of `_header_fields`, or a
+    `Refusal` with the DICOM status that says why not (the module docstring
+    lists them). `sop_class_uid`/`sop_instance_uid` are what the request
+    announced (a C-STORE's Affected SOP Class/Instance UID), when it did."""
+    try:
+        fields = _header_fields(path, max_inflated_bytes)
+    except InflateLimitExceeded as exc:
+        raise Refusal(CANNOT_UNDERSTAND, str(exc), "inflate_limit") from exc
+    except Exception as exc:
+        # Whatever pydicom raises on hostile bytes (BytesLengthException,
+        # zlib.error, struct.error, ...) means "cannot understand", never
+        # Out of Resources: a sender retries that forever.
+        raise Refusal(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}", "unreadable") from exc
+
+    sop_class, sop_uid, study_uid = fields["SOPClassUID"], fields["SOPInstanceUID"], fields["StudyInstanceUID"]
+    if (sop_class_uid is not None and sop_class != sop_class_uid) or (
+            sop_instance_uid is not None and sop_uid != sop_instance_uid):
+        raise Refusal(DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the request", "uid_mismatch")
+    if not study_uid:
+        raise Refusal(MISSING_ATTRIBUTE, "missing StudyInstanceUID", "missing_study_uid")
+    if not sop_uid or not sop_class:
+        raise Refusal(MISSING_ATTRIBUTE, "missing SOP Class or SOP Instance UID", "missing_sop_uid")
+    if len(study_uid) > 64 or len(sop_uid) > 64:
+        # UI is at most 64 characters; the database keys on these.
+        raise Refusal(CANNOT_UNDERSTAND, "invalid UID: longer than 64 characters", "invalid_uid")
     return fields
 
 
@@ -285,24 +319,9 @@ class StorageSCP:
     def _received(self, event: evt.Event) -> ReceivedInstance:
         request = event.request
         temp = Path(event.dataset_path)
-        try:
-            fields = _header_fields(temp, self.max_inflated_bytes)
-        except InflateLimitExceeded as exc:
-            raise Refusal(CANNOT_UNDERSTAND, str(exc)) from exc
-        except Exception as exc:
-            # Whatever pydicom raises on hostile bytes (BytesLengthException,
-            # zlib.error, struct.error, ...) means "cannot understand", never
-            # Out of Resources: a sender retries that forever.
-            raise Refusal(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}", "unreadable") from exc
-
+        fields = check_header(temp, self.max_inflated_bytes, sop_class_uid=str(request.AffectedSOPClassUID),
+                              sop_instance_uid=str(request.AffectedSOPInstanceUID))
         sop_class, sop_uid, study_uid = fields["SOPClassUID"], fields["SOPInstanceUID"], fields["StudyInstanceUID"]
-        if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
-            raise Refusal(DOES_NOT_MATCH_SOP_CLASS, "SOP Class/Instance UID differ from the request", "uid_mismatch")
-        if not study_uid:
-            raise Refusal(MISSING_ATTRIBUTE, "missing StudyInstanceUID", "missing_study_uid")
-        if len(study_uid) > 64 or len(sop_uid) > 64:
-            # UI is at most 64 characters; the database keys on these.
-            raise Refusal(CANNOT_UNDERSTAND, "invalid UID: longer than 64 characters", "invalid_uid")
 
         return ReceivedInstance(
             calling_ae=event.assoc.requestor.ae_title,

@@ -359,7 +359,28 @@ class Hl7Destination(_Strict):
     retry: RetryPolicy | None = None
 
 
-Destination = Annotated[Union[DicomDestination, FhirDestination, Hl7Destination], Field(discriminator="type")]
+class DicomWebDestination(_Strict):
+    """A PACS or archive that takes STOW-RS: every DICOM output of each version,
+    POSTed to `<base_url>/studies/<StudyInstanceUID>` (node/destinations/dicomweb.py)."""
+
+    name: str
+    type: Literal["dicomweb"]
+    base_url: str  # the DICOMweb root, e.g. https://pacs.example.org/dicom-web
+    auth: Annotated[Union[BearerAuth, BasicAuth], Field(discriminator="type")] | None = None
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    # TLS: true (system CAs), false (no verification; test rigs only) or a CA bundle path.
+    verify_tls: bool | str = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("base_url must be an http(s) URL, e.g. https://pacs.example.org/dicom-web")
+        return value.rstrip("/")
+
+
+Destination = Annotated[Union[DicomDestination, FhirDestination, Hl7Destination, DicomWebDestination],
+                        Field(discriminator="type")]
 
 
 class TriageSettings(_Strict):
@@ -435,13 +456,40 @@ class PipelineSettings(_Strict):
     backoff_max_seconds: float = Field(default=300.0, gt=0)
 
 
+# Debian's fonts-dejavu-core (scripts/ensure-peers.sh installs it): DejaVu Sans
+# has every glyph the report prints (the em dash of the demo caveat included)
+# and the Latin, Greek and Cyrillic of patient names.
+DEJAVU_DIR = Path("/usr/share/fonts/truetype/dejavu")
+
+
+class ReportPdfSettings(_Strict):
+    """The printable PDF report (node/outputs/pdf_report.py), one per study version.
+
+    It is rendered when any of its three uses is on: the DICOM Encapsulated PDF
+    (`pdf` in `outputs.kinds`), `fhir` or `download`."""
+
+    # DiagnosticReport.presentedForm: the PDF inline (application/pdf, base64),
+    # in the FHIR API and in every FHIR push.
+    fhir: bool = True
+    # GET /api/v1/studies/{uid}/report.pdf (viewer and up).
+    download: bool = True
+    # A directory holding DejaVuSans.ttf and DejaVuSans-Bold.ttf.
+    font_dir: Path = DEJAVU_DIR
+
+
 class OutputSettings(_Strict):
     """Which DICOM objects the encode stage writes and DICOM destinations receive."""
 
     # sr: TID 1500 SR (every finding); sc: burned-in heatmap Secondary Captures;
     # seg: a DICOM Segmentation per image (overlays OHIF toggles); gsps: a
-    # presentation state per image (graphic layers a classic PACS toggles).
+    # presentation state per image (graphic layers a classic PACS toggles);
+    # pdf: the printable report as a DICOM Encapsulated PDF.
     kinds: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
+    report_pdf: ReportPdfSettings = Field(default_factory=ReportPdfSettings)
+
+    @property
+    def renders_pdf(self) -> bool:
+        return OutputKind.PDF in self.kinds or self.report_pdf.fhir or self.report_pdf.download
 
     @field_validator("kinds")
     @classmethod
@@ -455,6 +503,40 @@ class OutputSettings(_Strict):
             # model, and the chain of amended versions (Predecessor Documents).
             raise ValueError("sr cannot be turned off: it is the only DICOM output that records every finding")
         return value
+
+
+class StowSender(_Strict):
+    """A client allowed to STOW-RS studies in: its API token and the source name
+    its studies are keyed by, in place of a DICOM calling AE title."""
+
+    token: str  # the token's name (`carina token create --name NAME --role integration`)
+    source: str  # 1-16 characters, like an AE title; several tokens may share one
+
+    _check_source = field_validator("source")(classmethod(lambda cls, v: _ae_title(v)))
+
+
+class DicomWebSettings(_Strict):
+    """DICOMweb at /dicomweb: STOW-RS in, QIDO-RS and WADO-RS over Carina's outputs."""
+
+    enabled: bool = True
+    # Who may STOW-RS studies in; any other token gets 403. Empty: nobody.
+    stow_senders: list[StowSender] = Field(default_factory=list)
+    # One part (instance) larger than this fails with 0xA700; a request larger
+    # than max_request_mb is refused with 413 (at once when it says its length).
+    max_part_mb: float = Field(default=2048, gt=0)
+    max_request_mb: float = Field(default=8192, gt=0)
+
+    @field_validator("stow_senders")
+    @classmethod
+    def _one_source_per_token(cls, value: list[StowSender]) -> list[StowSender]:
+        tokens = [s.token for s in value]
+        twice = sorted({t for t in tokens if tokens.count(t) > 1})
+        if twice:
+            raise ValueError(f"each token once; repeated: {', '.join(twice)}")
+        return value
+
+    def source_of(self, token_name: str) -> str | None:
+        return next((s.source for s in self.stow_senders if s.token == token_name), None)
 
 
 class RateLimit(_Strict):
@@ -527,6 +609,7 @@ class Settings(BaseSettings):
     health: HealthSettings = Field(default_factory=HealthSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
 
     @field_validator("destinations")
     @classmethod
@@ -558,6 +641,15 @@ class ConfigError(Exception):
 
 def check_serve(settings: Settings) -> None:
     """What `carina serve` needs beyond a valid file (other subcommands do not)."""
+    if settings.outputs.renders_pdf:
+        fonts = settings.outputs.report_pdf.font_dir
+        missing = [name for name in ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf") if not (fonts / name).is_file()]
+        if missing:
+            raise ConfigError(
+                f"outputs.report_pdf.font_dir: {', '.join(missing)} not found in {fonts}; install Debian's "
+                "fonts-dejavu-core, point font_dir at DejaVu Sans, or turn the PDF report off "
+                "(drop pdf from outputs.kinds and set outputs.report_pdf.fhir and .download to false)"
+            )
     dicom = settings.dicom
     if not dicom.peers and not dicom.accept_any_peer:
         raise ConfigError(

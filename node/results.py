@@ -33,3 +33,18 @@ def load_latest(session: Session, study_id: int) -> ScoredStudy | None:
         select(Result.scored_study).where(Result.study_id == study_id).order_by(Result.version.desc()).limit(1)
     )
     return None if text is None else ScoredStudy.from_json(text)
+
+
+def load_before(session: Session, study_id: int, version: int) -> ScoredStudy | None:
+    """The latest scored study of an earlier version (what an amended report supersedes), or None."""
+    text = session.scalar(
+        select(Result.scored_study).where(Result.study_id == study_id, Result.version < version)
+        .order_by(Result.version.desc()).limit(1)
+    )
+    return None if text is None else ScoredStudy.from_json(text)
+
+
+def latest_version(session: Session, study_id: int) -> int | None:
+    """The newest version that has a scored study, or None."""
+    return session.scalar(select(Result.version).where(Result.study_id == study_id)
+                          .order_by(Result.version.desc()).limit(1))

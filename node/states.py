@@ -46,6 +46,7 @@ class OutputKind(StrEnum):
     SC = "sc"  # heatmap Secondary Capture
     SEG = "seg"  # DICOM Segmentation, one segment per drawn finding
     GSPS = "gsps"  # Grayscale Softcopy Presentation State, one graphic layer per drawn finding
+    PDF = "pdf"  # Encapsulated PDF: the printable report (node/outputs/pdf_report.py)
 
 
 class Priority(StrEnum):

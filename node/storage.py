@@ -10,6 +10,8 @@ Layout under `storage.data_dir`:
   a re-send with different bytes goes beside it, never over it, as
   `<SOP UID>.<sha256>.dcm` (`place_instance`);
 - `outputs/<calling AE>/<study UID>/<kind>-<SOP UID>.dcm`: what Carina made;
+- `outputs/<calling AE>/<study UID>/report-v<version>.pdf`: the printable
+  report of a version, as the API serves it and FHIR attaches it;
 - `work/<calling AE>/<study UID>/v<version>/<SOP UID>.png`: the display
   rendition the infer stage keeps for the heatmap SCs, so a source is decoded
   once per study version;
@@ -51,6 +53,10 @@ def instance_path(root: Path, calling_ae: str, study_uid: str, sop_uid: str) -> 
 
 def output_path(root: Path, calling_ae: str, study_uid: str, kind: str, sop_uid: str) -> Path:
     return study_dir(root, calling_ae, study_uid) / f"{kind}-{sop_uid}.dcm"
+
+
+def report_pdf_path(root: Path, calling_ae: str, study_uid: str, version: int) -> Path:
+    return study_dir(root, calling_ae, study_uid) / f"report-v{int(version)}.pdf"
 
 
 def display_path(root: Path, calling_ae: str, study_uid: str, version: int, sop_uid: str) -> Path:

@@ -6,6 +6,11 @@ command -v Orthanc  >/dev/null || need+=(orthanc)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dsrdump  >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v pdftotext >/dev/null || need+=(poppler-utils)  # reads the PDF report back (pdftotext, pdftoppm, pdfinfo)
+# DejaVu Sans: the PDF report's font (outputs.report_pdf.font_dir); the node needs it at run time too.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf ] || need+=(fonts-dejavu-core)
+# Orthanc's DICOMweb plugin: the STOW-RS destination and a second STOW-RS sender in the tests.
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v openssl  >/dev/null || need+=(openssl)  # makes the DICOM TLS tests' certificates
 command -v ojph_compress >/dev/null || need+=(openjph-tools)  # HTJ2K test variants
 command -v node     >/dev/null || need+=(nodejs)  # runs OHIF's own SR/SEG code (tests/js)

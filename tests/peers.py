@@ -443,14 +443,15 @@ def orthanc_study_series(pacs: "Orthanc", study_uid: str) -> list[dict]:
 
 
 # Carina's output series: the kind each holds and its modality (an SC keeps its source's).
-CARINA_SERIES = {"9901": ("sr", "SR"), "9902": ("sc", None), "9903": ("seg", "SEG"), "9904": ("gsps", "PR")}
+CARINA_SERIES = {"9901": ("sr", "SR"), "9902": ("sc", None), "9903": ("seg", "SEG"), "9904": ("gsps", "PR"),
+                 "9905": ("pdf", "DOC")}
 
 
 def carina_outputs_in_orthanc(pacs: "Orthanc", study_uid: str) -> dict[str, int]:
     """How many instances of each Carina output kind Orthanc holds for a study:
-    SR (series 9901), SC (9902), SEG (9903), GSPS (9904); anything else,
-    the sources included, is "other"; "series" counts Carina's series."""
-    counts = {"sr": 0, "sc": 0, "seg": 0, "gsps": 0, "other": 0, "series": 0}
+    SR (series 9901), SC (9902), SEG (9903), GSPS (9904), PDF (9905); anything
+    else, the sources included, is "other"; "series" counts Carina's series."""
+    counts = {"sr": 0, "sc": 0, "seg": 0, "gsps": 0, "pdf": 0, "other": 0, "series": 0}
     for series in orthanc_study_series(pacs, study_uid):
         tags = series["MainDicomTags"]
         kind, modality = CARINA_SERIES.get(str(tags.get("SeriesNumber")), ("other", None))
@@ -463,13 +464,14 @@ def carina_outputs_in_orthanc(pacs: "Orthanc", study_uid: str) -> dict[str, int]
 
 def expected_outputs(view: dict, versions: int = 1) -> dict[str, int]:
     """What Carina delivers for a study view (/api/v1/studies/{uid}) with every
-    output kind on: one SR per version; per scored image one SC per positive
-    finding plus a summary, and a SEG and a GSPS when a positive finding has a
-    region; the series they fill."""
+    output kind on: one SR and one Encapsulated PDF per version; per scored
+    image one SC per positive finding plus a summary, and a SEG and a GSPS when
+    a positive finding has a region; the series they fill."""
     images = view["images"]
     drawn = sum(1 for img in images if any(f["positive"] and f["regions"] for f in img["findings"]))
-    counts = {"sr": versions, "sc": positives(view) + len(images), "seg": drawn, "gsps": drawn, "other": 0}
-    counts["series"] = sum(1 for kind in ("sr", "sc", "seg", "gsps") if counts[kind])
+    counts = {"sr": versions, "sc": positives(view) + len(images), "seg": drawn, "gsps": drawn, "pdf": versions,
+              "other": 0}
+    counts["series"] = sum(1 for kind in ("sr", "sc", "seg", "gsps", "pdf") if counts[kind])
     return counts
 
 
@@ -569,3 +571,18 @@ def node_with_pacs(workdir: Path, *, start: bool = True, **node_kwargs):
     finally:
         node.stop()
         pacs.stop()
+
+
+# Orthanc's DICOMweb plugin (Debian orthanc-dicomweb): STOW-RS, QIDO-RS and
+# WADO-RS at /dicom-web/, and a STOW-RS client to the servers it is given.
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_dicomweb(servers: dict | None = None) -> dict:
+    """The Orthanc configuration keys that load the DICOMweb plugin at /dicom-web/.
+    `servers` are the DICOMweb servers it may send to ("DicomWeb.Servers")."""
+    if not ORTHANC_DICOMWEB_PLUGIN.exists():
+        pytest.fail(f"{ORTHANC_DICOMWEB_PLUGIN} is missing; `make test` installs orthanc-dicomweb "
+                    "(scripts/ensure-peers.sh)")
+    return {"Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers or {}}}

@@ -17,7 +17,10 @@ from node.api.app import create_app
 from node.api.auth import create_token
 from node.config import Settings
 from node.context import NodeContext
-from node.db import ApiToken, Database, Job, Study, now
+from node import results
+from node.db import ApiToken, Database, Job, Output, Study, now
+from node.outputs.encapsulated_pdf import build_encapsulated_pdf
+from node.storage import output_path, report_pdf_path
 from node.fhir_store import save_resources
 from node.outputs.fhir_report import build_report_resources
 from node.study_facts import StudyFacts
@@ -38,6 +41,9 @@ class Seeded:
     study_uid: str
     report_id: str
     study_row_id: int
+    # One Carina output (an Encapsulated PDF) for the DICOMweb routes, and the report PDF.
+    output_series_uid: str = ""
+    output_sop_uid: str = ""
 
 
 @dataclass
@@ -67,21 +73,35 @@ class Rig:
             return job.id
 
 
-def seed(db: Database, patient_id: str = "PAT-RIG-1") -> Seeded:
+def seed(db: Database, patient_id: str = "PAT-RIG-1", outputs_dir: Path | None = None) -> Seeded:
     ds = make_dx(np.full((16, 16), 100, np.uint8), patient_id=patient_id, accession="ACC-RIG-1")
     facts = StudyFacts.from_datasets([ds])
     findings = [Finding(label, 0.9 if label == "Effusion" else 0.1, 0.5, label == "Effusion") for label in CHESTXRAY14]
     scored = scored_from_facts(facts, {ds.SOPInstanceUID: findings}, MODEL, version=1, status="preliminary")
     resources = build_report_resources(scored, patient_system=SYSTEM)
+    output = None
+    if outputs_dir is not None:
+        pdf = b"%PDF-1.4\n% a stand-in report for the route tests\n%%EOF\n"
+        report_pdf_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, 1).parent.mkdir(parents=True, exist_ok=True)
+        report_pdf_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, 1).write_bytes(pdf)
+        output = build_encapsulated_pdf(pdf, [ds], scored)
+        path = output_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, "pdf", output.SOPInstanceUID)
+        output.save_as(path, enforce_file_format=True)
     with db.session() as s:
         study = Study(calling_ae="MODALITY", study_uid=ds.StudyInstanceUID, patient_id=patient_id,
                       accession_number="ACC-RIG-1", state="done", version=1)
         s.add(study)
         s.flush()
         save_resources(s, resources, study.id)
+        results.store(s, study.id, scored)
+        if output is not None:
+            s.add(Output(study_id=study.id, version=1, kind="pdf", sop_instance_uid=output.SOPInstanceUID,
+                         sop_class_uid=output.SOPClassUID, series_uid=output.SeriesInstanceUID, path=str(path)))
         study_row_id = study.id
     report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
-    return Seeded(patient_id, ds.StudyInstanceUID, report["id"], study_row_id)
+    return Seeded(patient_id, ds.StudyInstanceUID, report["id"], study_row_id,
+                  output.SeriesInstanceUID if output is not None else "",
+                  output.SOPInstanceUID if output is not None else "")
 
 
 def start(tmp: Path, *, engine=None, settings: dict | None = None) -> tuple[Rig, uvicorn.Server, threading.Thread]:
@@ -92,7 +112,7 @@ def start(tmp: Path, *, engine=None, settings: dict | None = None) -> tuple[Rig,
     ctx.ready.update(db=True, scp=True, model=True)
     ctx.engine = engine
     rig = Rig("", ctx, create_app(ctx))
-    rig.seeded = seed(db)
+    rig.seeded = seed(db, outputs_dir=ctx.outputs_dir)
     for role in ROLES:
         rig.tokens[role] = create_token(db, f"tok-{role}", role, expires_days=1)
     rig.tokens["expired"] = create_token(db, "tok-expired", "admin", expires_days=1)

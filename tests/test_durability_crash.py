@@ -382,7 +382,7 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
 
         # In the PACS: exactly Carina's outputs for the study, with Carina's content.
         produced = outputs[study_uid]
-        expected_kinds = Counter({k: n for k, n in expected_outputs(view).items() if k in ("sr", "sc", "seg", "gsps") and n})
+        expected_kinds = Counter({k: n for k, n in expected_outputs(view).items() if k in ("sr", "sc", "seg", "gsps", "pdf") and n})
         if Counter(kind for kind, _ in produced.values()) != expected_kinds:
             duplicates.append(f"study {study_uid}: outputs {Counter(k for k, _ in produced.values())}, expected {expected_kinds}")
         held = {inst["MainDicomTags"]["SOPInstanceUID"]: inst["ID"] for inst in pacs.study_instances(study_uid)}

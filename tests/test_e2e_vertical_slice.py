@@ -29,6 +29,7 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF: the printable report
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,8 @@ def test_pacs_receives_valid_sr_and_heatmaps_in_the_source_study(loop, which):
     # One SC per positive finding plus one summary; one SEG and one GSPS for
     # the image's outlined findings.
     assert len(by_class.get(SC_CLASS, [])) == len(positives) + 1
-    assert len(by_class[SEG_CLASS]) == len(by_class[GSPS_CLASS]) == 1
-    assert set(by_class) == {SR_CLASS, SC_CLASS, SEG_CLASS, GSPS_CLASS}
+    assert len(by_class[SEG_CLASS]) == len(by_class[GSPS_CLASS]) == len(by_class[PDF_CLASS]) == 1
+    assert set(by_class) == {SR_CLASS, SC_CLASS, SEG_CLASS, GSPS_CLASS, PDF_CLASS}
 
     displays = [load_terminology().finding(label).display for label in drawn]
     source_path = work / f"{which}-source.dcm"
@@ -200,6 +201,11 @@ def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
             expect(page.locator("#detail-state")).to_contain_text(DEMO_WARNING)
             expect(page.locator("#detail-findings tr")).to_have_count(14)
             expect(page.locator("#detail-deliveries")).to_contain_text("pacs: done")
+            report = page.locator("#detail-report")  # the printable report, with the session's cookie
+            expect(report).to_be_visible()
+            pdf = page.request.get(node.url + report.get_attribute("href"))
+            assert pdf.status == 200 and pdf.headers["content-type"] == "application/pdf"
+            assert pdf.body().startswith(b"%PDF-")
             page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
             cookie = next(c for c in page.context.cookies() if c["name"] == "carina_session")
             assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"

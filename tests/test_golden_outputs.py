@@ -4,7 +4,8 @@ The two-image study of tests/golden_study.py is stored as the SCP leaves it,
 then the real worker runs the real infer stage (with an engine that answers
 the fixed findings, so the outcome does not depend on floating point across
 machines), the real encode stage, and the HL7 sender's message builder; a
-late image makes version 2. Every SR, SC, SEG, GSPS, FHIR resource and ORU
+late image makes version 2. Every SR, SC, SEG, GSPS, Encapsulated PDF, FHIR
+resource (the report's presentedForm included) and ORU
 is compared with the recorded outputs (tests/data/golden/: first recorded
 before issue #8's typed pipeline, since re-recorded only for deliberate
 changes, each commit saying why).
@@ -30,9 +31,10 @@ from node.context import NodeContext
 from node.db import Database, FhirResource, InboundOrder, InboundPatient, Instance, Job, Output, Study
 from node.destinations import hl7
 from node.jobs import enqueue
-from node.outputs.fhir_report import build_report_resources
+from node.outputs.fhir_report import build_report_resources, pdf_attachment
 from node.outputs.hl7_oru import encode as er7
 from node.states import JobState, Stage, StudyState
+from node.storage import report_pdf_path
 from node.worker import run_one
 
 MANIFEST = json.loads((g.GOLDEN_DIR / "manifest.json").read_text())
@@ -127,7 +129,7 @@ def _record_version(ctx: NodeContext, study_id: int, version: int) -> None:
             data = open(o.path, "rb").read()
             others.append({"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
-    fhir_text = json.dumps(build_report_resources(scored, patient_system=g.PATIENT_SYSTEM), indent=1)
+    fhir_text = json.dumps(_fhir(ctx, scored), indent=1)
     (g.GOLDEN_DIR / f"fhir-v{version}.json").write_text(fhir_text)
     oru = er7(hl7.message_for(ctx, hl7_work))
     (g.GOLDEN_DIR / f"oru-v{version}.er7").write_bytes(oru.encode())
@@ -135,6 +137,12 @@ def _record_version(ctx: NodeContext, study_id: int, version: int) -> None:
                                "objects": others, "fhir_sha256": g.digest(fhir_text.encode()),
                                "oru_sha256": g.digest(oru.encode())}
     (g.GOLDEN_DIR / "manifest.json").write_text(json.dumps(MANIFEST, indent=1) + "\n")
+
+
+def _fhir(ctx: NodeContext, scored) -> list[dict]:
+    """The FHIR resources of a version, with the PDF encode kept attached as presentedForm."""
+    pdf = report_pdf_path(ctx.outputs_dir, scored.calling_ae, scored.study_uid, scored.version).read_bytes()
+    return build_report_resources(scored, patient_system=g.PATIENT_SYSTEM, presented_form=pdf_attachment(pdf, scored))
 
 
 def _check_version(ctx: NodeContext, study_id: int, version: int) -> None:
@@ -156,10 +164,10 @@ def _check_version(ctx: NodeContext, study_id: int, version: int) -> None:
     for other in golden["objects"]:  # SCs, SEGs and GSPSs
         data = open(outputs[other["sop_instance_uid"]], "rb").read()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (other["bytes"], other["sha256"]), other
-    assert {o["kind"] for o in golden["objects"]} == {"sc", "seg", "gsps"}
+    assert {o["kind"] for o in golden["objects"]} == {"sc", "seg", "gsps", "pdf"}
 
     golden_fhir = (g.GOLDEN_DIR / f"fhir-v{version}.json").read_text()
-    built = build_report_resources(scored, patient_system=g.PATIENT_SYSTEM)
+    built = _fhir(ctx, scored)
     assert json.dumps(built, indent=1) == golden_fhir, "FHIR resources changed"
     # ...and what the FHIR API serves is exactly that, plus the store's version stamps.
     for resource in json.loads(golden_fhir):

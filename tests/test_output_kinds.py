@@ -19,7 +19,7 @@ from pipeline_rig import PipelineRig
 
 FOUR_POSITIVES = {"Pneumothorax": 0.91, "Effusion": 0.73, "Cardiomegaly": 0.66, "Mass": 0.58}
 # The rig's study: one image, four positive findings, each with a region.
-ALL = {"sr": 1, "sc": 4 + 1, "seg": 1, "gsps": 1}
+ALL = {"sr": 1, "sc": 4 + 1, "seg": 1, "gsps": 1, "pdf": 1}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def in_pacs(pacs, study_uid) -> dict[str, int]:
 
 
 def test_every_kind_by_default_and_a_redelivery_keeps_one_copy(tmp_path, pacs):
-    assert Settings().outputs.kinds == [OutputKind.SR, OutputKind.SC, OutputKind.SEG, OutputKind.GSPS]
+    assert Settings().outputs.kinds == [OutputKind.SR, OutputKind.SC, OutputKind.SEG, OutputKind.GSPS, OutputKind.PDF]
     rig, study_id, ds, written = run_study(tmp_path, pacs)
     try:
         assert {k: len(v) for k, v in written.items()} == ALL
@@ -83,7 +83,7 @@ def test_every_kind_by_default_and_a_redelivery_keeps_one_copy(tmp_path, pacs):
 
 @pytest.mark.parametrize(
     "kinds",
-    [["sr"], ["sr", "seg"], ["gsps", "sr"], ["sr", "sc"]],
+    [["sr"], ["sr", "seg"], ["gsps", "sr"], ["sr", "sc"], ["sr", "pdf"]],
 )
 def test_a_kind_switched_off_is_neither_written_nor_delivered(tmp_path, pacs, kinds):
     rig, _, ds, written = run_study(tmp_path, pacs, kinds)
@@ -111,6 +111,7 @@ TransferSyntax2 = LittleEndianImplicit
 PresentationContext1 = Comprehensive3DSRStorage\\Uncompressed
 PresentationContext2 = SecondaryCaptureImageStorage\\Uncompressed
 PresentationContext3 = GrayscaleSoftcopyPresentationStateStorage\\Uncompressed
+PresentationContext4 = EncapsulatedPDFStorage\\Uncompressed
 
 [[Profiles]]
 [NoSeg]
@@ -132,14 +133,17 @@ def test_a_pacs_refusing_seg_gets_the_rest_and_the_operator_is_told(tmp_path, pa
     try:
         wait_until(lambda: accepts_connections(port), 30, what="storescp listening")
         rig, study_id, _, written = run_study(tmp_path / "all", pacs, port=port, delivered=JobState.DEAD)
-        error = rig.deliveries(study_id)["pacs"].last_error
+        job = rig.deliveries(study_id)["pacs"]
+        # last_error is PHI-free (a count and the status); the per-object detail is for admins.
+        error, detail = job.last_error, rig.error_detail(job)
         rig.close()
         [seg_uid] = [dcmread(p).SOPInstanceUID for p in written["seg"]]
-        assert f"{seg_uid}=0x0122" in error and "drop its kind from outputs.kinds" in error
+        assert "0x0122" in error and "drop its kind from outputs.kinds" in error
+        assert f"{seg_uid}=0x0122" in detail
         stored = sorted(p.name[:2] for p in received.iterdir())
-        assert stored == ["PS"] + ["SC"] * 5 + ["SR"]  # everything but the SEG arrived
+        assert stored == ["PD", "PS"] + ["SC"] * 5 + ["SR"]  # everything but the SEG arrived
 
-        rig, _, _, written = run_study(tmp_path / "no-seg", pacs, ["sr", "sc", "gsps"], port=port)
+        rig, _, _, written = run_study(tmp_path / "no-seg", pacs, ["sr", "sc", "gsps", "pdf"], port=port)
         rig.close()
         assert "seg" not in written
     finally:

@@ -44,6 +44,9 @@ def examples(rig) -> dict[tuple[str, str], tuple[callable, int]]:
     """(method, route path) -> (a request for it, the status an allowed caller gets)."""
     s = rig.seeded
     report = f"/fhir/DiagnosticReport/{s.report_id}"
+    study = f"/dicomweb/studies/{s.study_uid}"
+    series = f"{study}/series/{s.output_series_uid}"
+    instance = f"{series}/instances/{s.output_sop_uid}"
     return {
         ("POST", "/api/v1/session"): (lambda: dict(json={"username": "user-viewer", "password": PASSWORD}), 200),
         ("GET", "/api/v1/session"): (lambda: {}, 200),
@@ -84,6 +87,30 @@ def examples(rig) -> dict[tuple[str, str], tuple[callable, int]]:
         ("GET", "/api/v1/admin/failed-studies"): (lambda: {}, 200),
         ("GET", "/api/v1/shadow"): (lambda: {}, 200),
         ("GET", "/api/v1/shadow.csv"): (lambda: {}, 200),
+        ("GET", "/api/v1/studies/{study_uid}/report.pdf"):
+            (lambda: dict(url=f"/api/v1/studies/{s.study_uid}/report.pdf"), 200),
+        # STOW-RS: a body that is not multipart/related is refused with 415 by every permitted caller.
+        ("POST", "/dicomweb/studies"): (lambda: dict(content=b"x"), 415),
+        ("POST", "/dicomweb/studies/{study_uid}"): (lambda: dict(url=f"/dicomweb/studies/{s.study_uid}", content=b"x"),
+                                                     415),
+        ("GET", "/dicomweb/studies"): (lambda: dict(params={"PatientID": s.patient_id}), 200),
+        ("GET", "/dicomweb/series"): (lambda: {}, 200),
+        ("GET", "/dicomweb/instances"): (lambda: {}, 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series"): (lambda: dict(url=f"{study}/series"), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/instances"): (lambda: dict(url=f"{study}/instances"), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances"):
+            (lambda: dict(url=f"{series}/instances"), 200),
+        ("GET", "/dicomweb/studies/{study_uid}"): (lambda: dict(url=study), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}"): (lambda: dict(url=series), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"):
+            (lambda: dict(url=instance), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/metadata"): (lambda: dict(url=f"{study}/metadata"), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/metadata"):
+            (lambda: dict(url=f"{series}/metadata"), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata"):
+            (lambda: dict(url=f"{instance}/metadata"), 200),
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulkdata/{tag}"):
+            (lambda: dict(url=f"{instance}/bulkdata/00420011"), 200),
     }
 
 

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from node.api import admin, ops, sessions, studies
+from node.api.dicomweb_routes import router as dicomweb_router
 from node.api.fhir_routes import router as fhir_router
 from node.api.headers import SecurityHeaders
 from node.api.policy import Permission, check_policies, mount_public, public, require
@@ -37,6 +38,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.include_router(ops.probes)  # /readyz, /metrics
     app.include_router(ops.admin)  # /api/v1/admin/...
     app.include_router(shadow_router)  # GET /api/v1/shadow[.csv]: admin-only
+    app.include_router(dicomweb_router)  # STOW-RS in, QIDO-RS and WADO-RS of Carina's outputs
     mount_public(app, "/ui", StaticFiles(directory=UI_DIR), "ui", "the web UI's scripts and styles; no patient data")
 
     @app.get(OPENAPI_PATH, include_in_schema=False, dependencies=[require(Permission.SESSION)])

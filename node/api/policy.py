@@ -42,6 +42,7 @@ class Permission(StrEnum):
     READ_FHIR = "fhir:read"
     PREDICT = "predict"
     FEEDBACK = "feedback"  # a radiologist's verdict on an AI finding (no route yet takes it)
+    STOW = "dicomweb:store"  # STOW-RS studies in (tokens listed in dicomweb.stow_senders)
     ADMIN = "admin"  # jobs, retries, the audit trail
 
 
@@ -49,7 +50,7 @@ GRANTS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.SESSION, Permission.READ_STUDIES, Permission.READ_FHIR}),
     Role.RADIOLOGIST: frozenset({Permission.SESSION, Permission.READ_STUDIES, Permission.READ_FHIR,
                                  Permission.PREDICT, Permission.FEEDBACK}),
-    Role.INTEGRATION: frozenset({Permission.SESSION, Permission.READ_FHIR, Permission.PREDICT}),
+    Role.INTEGRATION: frozenset({Permission.SESSION, Permission.READ_FHIR, Permission.PREDICT, Permission.STOW}),
     Role.ADMIN: frozenset(Permission),
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import Response
 from sqlalchemy import func, select
 
 from node import results
@@ -11,6 +12,7 @@ from node.audit import events
 from node.db import Instance, Job, Output, Study
 from node.scored_study import ScoredStudy
 from node.states import JobState, Stage
+from node.storage import report_pdf_path
 
 router = APIRouter(prefix="/api/v1", tags=["studies"])
 
@@ -154,3 +156,29 @@ def get_study(request: Request, study_uid: str, calling_ae: str | None = None):
         patient = studies[0].patient_id
     events.record_read(node.audit, actor(request), request.url.path, [(patient, study_uid)])
     return view
+
+
+@router.get("/studies/{study_uid}/report.pdf", dependencies=[require(Permission.READ_STUDIES)],
+            response_class=Response, responses={200: {"content": {"application/pdf": {}}}})
+def get_report_pdf(request: Request, study_uid: str, calling_ae: str | None = None,
+                   version: int | None = Query(None, ge=1, le=2**31 - 1)):
+    """The printable report of a study version (default: the latest), as encode wrote it."""
+    node = request.app.state.node
+    if not node.settings.outputs.report_pdf.download:
+        raise HTTPException(404, "the PDF report download is switched off (outputs.report_pdf.download)")
+    with node.db.session() as s:
+        stmt = select(Study).where(Study.study_uid == study_uid).order_by(Study.last_received_at.desc())
+        if calling_ae:
+            stmt = stmt.where(Study.calling_ae == calling_ae)
+        study = s.scalars(stmt).first()
+        if study is None:
+            raise HTTPException(404, f"no study {study_uid}" + (f" from {calling_ae}" if calling_ae else ""))
+        wanted = version or results.latest_version(s, study.id)
+        ae, patient = study.calling_ae, study.patient_id
+    path = report_pdf_path(node.outputs_dir, ae, study_uid, wanted) if wanted else None
+    if path is None or not path.exists():
+        raise HTTPException(404, f"no PDF report for study {study_uid}" + (f" version {version}" if version else ""))
+    data = path.read_bytes()
+    events.record_read(node.audit, actor(request), request.url.path, [(patient, study_uid)])
+    return Response(data, media_type="application/pdf",
+                    headers={"Content-Disposition": f'inline; filename="carina-report-v{wanted}.pdf"'})

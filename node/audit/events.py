@@ -11,8 +11,9 @@ DICOM audit message (node/audit/messages.py) and appending it to the trail.
 | study list, FHIR search                 | 110112 Query (+ the patients returned)     | E      |
 | predict upload                          | 110107 Import                              | C      |
 | DICOM association in (per association)  | 110104 DICOM Instances Transferred         | C      |
+| STOW-RS request in (per request)        | 110104 DICOM Instances Transferred         | C      |
 | DICOM association refused               | 110113 Security Alert / 110126 Node Authentication | E |
-| delivery out: DICOM                     | 110104 DICOM Instances Transferred         | R      |
+| delivery out: DICOM, DICOMweb           | 110104 DICOM Instances Transferred         | R      |
 | delivery out: FHIR, HL7; audit export   | 110106 Export                              | R      |
 | user, role, token changes               | 110113 Security Alert / 110137, 110136     | U      |
 | model activation                        | 110113 Security Alert / 110131             | U      |
@@ -178,11 +179,25 @@ def association(trail: AuditTrail, event, node_ae: str, patients_by_study: dict[
     ))
 
 
+def stow_received(trail: AuditTrail, actor: Actor, *, source: str, pairs: Iterable[tuple[str, str]], stored: int,
+                  failed: int) -> int:
+    """One STOW-RS request in: who sent (the token, as the source name its studies
+    are keyed by), the patients and studies it stored, how many parts failed."""
+    outcome = m.SUCCESS if not failed else (m.MINOR_FAILURE if stored else m.SERIOUS_FAILURE)
+    them = m.Participant(actor.user_id, True, actor.address, actor.address_is_ip,
+                         (m.SOURCE,) + ((m.role_code(actor.role),) if actor.role else ()), user_name=source)
+    return trail.append(m.AuditMessage(
+        m.DICOM_INSTANCES_TRANSFERRED, "C", outcome, (them, _node(trail, m.DESTINATION)),
+        _patients_and_studies(pairs, life_cycle=2),
+        outcome_description=f"STOW-RS: {stored} stored, {failed} failed",
+    ))
+
+
 def delivery(trail: AuditTrail, *, destination: str, kind: str, peer_id: str, peer_address: str,
              patient_id: str, study_uid: str, outcome: int, why: str = "") -> int:
     """One outbound delivery attempt: DICOM C-STORE to a PACS, FHIR or HL7 to an EHR/RIS.
     `why` must be PHI-free (the job's error code, never the peer's text)."""
-    event = m.DICOM_INSTANCES_TRANSFERRED if kind == "dicom" else m.EXPORT
+    event = m.DICOM_INSTANCES_TRANSFERRED if kind in ("dicom", "dicomweb") else m.EXPORT
     us = _node(trail, m.SOURCE, requestor=True)
     them = m.Participant(peer_id, False, peer_address, True, (m.DESTINATION,), user_name=destination)
     return trail.append(m.AuditMessage(

@@ -7,10 +7,11 @@ node.jobs.RetryableError or PermanentError; a normal return means delivered.
 """
 from __future__ import annotations
 
-from node.destinations import dicom, fhir, hl7
+from node.destinations import dicom, dicomweb, fhir, hl7
 
 SENDERS = {
     "dicom": dicom,
+    "dicomweb": dicomweb,
     "fhir": fhir,
     "hl7": hl7,
 }

@@ -26,7 +26,7 @@ from node.states import OutputKind
 log = logging.getLogger(__name__)
 
 
-def _is_permanent(status: int) -> bool:
+def is_permanent(status: int) -> bool:
     # 0xA9xx (does not match SOP class), 0xCxxx (cannot understand) and a
     # refused SOP class will not change on retry; 0xA7xx (out of resources)
     # and the rest might.
@@ -88,7 +88,7 @@ def send(ctx: NodeContext, work: DicomDelivery) -> None:
         detail = ", ".join(f"{uid}=0x{status:04X}" for uid, status in sorted(failed.items()))
         statuses = ", ".join(sorted({f"0x{status:04X}" for status in failed.values()}))
         summary = f"{len(failed)} of {len(paths)} objects, DICOM status {statuses}"
-        if all(_is_permanent(st) for st in failed.values()):
+        if all(is_permanent(st) for st in failed.values()):
             hint = ""
             if SOP_CLASS_NOT_SUPPORTED in failed.values():
                 hint = " (a SOP class the PACS does not accept: drop its kind from outputs.kinds)"

@@ -44,8 +44,9 @@ from node.config import FhirDestination
 from node.context import NodeContext
 from node.db import Study
 from node.jobs import PermanentError, RetryableError
-from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM, build_report_resources
+from node.outputs.fhir_report import DICOM_UID_SYSTEM, URI_SYSTEM, build_report_resources, pdf_attachment
 from node.scored_study import ScoredStudy
+from node.storage import report_pdf_path
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,20 @@ FHIR_JSON = "application/fhir+json"
 class FhirDelivery:
     destination: FhirDestination
     scored: ScoredStudy
+    pdf: bytes | None = None  # the printable report, attached as presentedForm
 
 
 def load(ctx: NodeContext, session: Session, study: Study, destination: FhirDestination) -> FhirDelivery:
-    return FhirDelivery(destination, results.load(session, study.id, study.version))
+    scored = results.load(session, study.id, study.version)
+    return FhirDelivery(destination, scored, report_pdf(ctx, scored))
+
+
+def report_pdf(ctx: NodeContext, scored: ScoredStudy) -> bytes | None:
+    """The version's PDF as encode wrote it, when FHIR is to carry it (outputs.report_pdf.fhir)."""
+    if not ctx.settings.outputs.report_pdf.fhir:
+        return None
+    path = report_pdf_path(ctx.outputs_dir, scored.calling_ae, scored.study_uid, scored.version)
+    return path.read_bytes() if path.exists() else None
 
 
 # The Bundle lists the report, what it references, then who made it.
@@ -70,13 +81,13 @@ _BUNDLE_ORDER = ("DiagnosticReport", "Observation", "ImagingStudy", "Patient", "
 def send(ctx: NodeContext, work: FhirDelivery) -> None:
     destination, scored = work.destination, work.scored
     # The same builder as the FHIR API's stored resources: the same input gives the same JSON.
-    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system)
+    presented = pdf_attachment(work.pdf, scored) if work.pdf is not None else None
+    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system,
+                                       presented_form=presented)
     resources.sort(key=lambda r: _BUNDLE_ORDER.index(r["resourceType"]))
     bundle = transaction_bundle(resources, send_patient=destination.send_patient)
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **auth_headers(destination)}
-    auth = None
-    if destination.auth is not None and destination.auth.type == "basic":
-        auth = httpx.BasicAuth(destination.auth.username, _secret(destination, destination.auth.password_env))
+    auth = basic_auth(destination)
     try:
         with httpx.Client(timeout=destination.timeout_seconds, verify=destination.verify_tls) as client:
             response = client.post(destination.base_url, content=json.dumps(bundle).encode(), headers=headers,
@@ -92,13 +103,21 @@ def send(ctx: NodeContext, work: FhirDelivery) -> None:
              len(bundle["entry"]), destination.name, scored.study_uid, scored.version, scored.report_id)
 
 
-def auth_headers(destination: FhirDestination) -> dict:
+def auth_headers(destination) -> dict:
+    """Bearer credentials of an HTTP destination (FHIR, DICOMweb), read from the environment now."""
     if destination.auth is not None and destination.auth.type == "bearer":
         return {"Authorization": f"Bearer {_secret(destination, destination.auth.token_env)}"}
     return {}
 
 
-def _secret(destination: FhirDestination, variable: str) -> str:
+def basic_auth(destination) -> httpx.BasicAuth | None:
+    """HTTP Basic credentials of an HTTP destination, the password read from the environment now."""
+    if destination.auth is not None and destination.auth.type == "basic":
+        return httpx.BasicAuth(destination.auth.username, _secret(destination, destination.auth.password_env))
+    return None
+
+
+def _secret(destination, variable: str) -> str:
     value = os.environ.get(variable, "")
     if not value:
         # Retrying cannot help until an operator sets it; `carina jobs retry` then resends.

@@ -6,8 +6,14 @@ AI content follows the HL7 AI Transparency on FHIR IG: meta.security AIAST on
 the report and observations, a Device whose type says AI, and a Provenance
 whose author agent is that Device.
 
-`presentedForm` (a rendered PDF) is left out on purpose: Carina renders no PDF
-yet, and an empty or placeholder attachment would mislead a reader.
+`presentedForm` is the printable report (node/outputs/pdf_report.py) as an
+inline application/pdf attachment (`data`, with its size and SHA-1 hash), not
+a `url`: an EHR files the attachment in the patient's chart, where it must
+stay readable by every clinician who opens the chart, long after the node
+has pruned the study and without a credential for the node's API. The PDF is
+kept small for it (about 160 KB for two images, 220 KB in base64), well
+within what FHIR servers accept in a transaction. `outputs.report_pdf.fhir`
+switches it off.
 
 Output is FHIR R4 (4.0.1) JSON. fhir.resources 8.x defaults to R5, and its
 R4-compatible model package is `fhir.resources.R4B` (4.3.0): for every element
@@ -20,7 +26,9 @@ version lives in meta.versionId and is assigned by node.fhir_store.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 
 from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
@@ -56,14 +64,29 @@ def uuid_identifier(resource_id_: str) -> dict:
     return {"system": URI_SYSTEM, "value": f"urn:uuid:{resource_id_}"}
 
 
-def build_report_resources(study: ScoredStudy, *, patient_system: str) -> list[dict]:
+def pdf_attachment(pdf: bytes, study: ScoredStudy) -> dict:
+    """The printable report as a FHIR Attachment (R4: hash is the base64 SHA-1)."""
+    return {
+        "contentType": "application/pdf",
+        "language": "en",
+        "data": base64.b64encode(pdf).decode("ascii"),
+        "size": len(pdf),
+        "hash": base64.b64encode(hashlib.sha1(pdf).digest()).decode("ascii"),
+        "title": f"Carina AI chest X-ray report, version {study.version}",
+        "creation": _instant(study.issued),
+    }
+
+
+def build_report_resources(study: ScoredStudy, *, patient_system: str,
+                           presented_form: dict | None = None) -> list[dict]:
     """[DiagnosticReport, Observation x14, Device, ImagingStudy, Provenance,
     Patient (only with a PatientID)] as R4 JSON dicts.
 
     Each Observation is the study-level result for its label: the image with
     the highest probability (a finding seen on any view is a finding of the
     study). The triage priority becomes the report's priority extension and
-    marks the critical findings AA.
+    marks the critical findings AA. `presented_form` (`pdf_attachment`) is the
+    report's rendered PDF, when there is one.
     """
     ctx = _Context(study, patient_system)
     observations = [
@@ -71,7 +94,7 @@ def build_report_resources(study: ScoredStudy, *, patient_system: str) -> list[d
     ]
     sr_uid = uids.sr_instance_uid([img.sop_instance_uid for img in study.facts.images], study.model.ref, study.version,
                                   *study.output_uid_qualifiers())
-    report = _diagnostic_report(ctx, observations, sr_uid)
+    report = _diagnostic_report(ctx, observations, sr_uid, presented_form)
     resources = [
         report,
         *observations,
@@ -120,7 +143,7 @@ class _Context:
         self.ai_asserted = self.terms.fhir["ai_asserted"].fhir()
 
 
-def _diagnostic_report(ctx: _Context, observations: list[dict], sr_uid: str) -> dict:
+def _diagnostic_report(ctx: _Context, observations: list[dict], sr_uid: str, presented_form: dict | None) -> dict:
     positives = ctx.study.positives
     based_on = [{"type": "ServiceRequest", "identifier": _accession(ctx)}] if ctx.facts.accession_number else None
     codes = [
@@ -154,6 +177,7 @@ def _diagnostic_report(ctx: _Context, observations: list[dict], sr_uid: str) -> 
         "imagingStudy": [ctx.study_ref],
         "conclusion": ctx.study.conclusion,
         "conclusionCode": codes or None,
+        "presentedForm": [presented_form] if presented_form else None,
     })
 
 

@@ -123,6 +123,23 @@ def _rescaled(heatmaps: Heatmaps, scale: float, shape: tuple[int, int]) -> Heatm
     return Heatmaps(maps=heatmaps.maps, crop=crop, source_shape=shape)
 
 
+def summary_overlay(image: ScoredImage, display: np.ndarray, *, max_side: int = MAX_SIDE) -> np.ndarray:
+    """The summary SC's picture without its caption band: the display rendition
+    with the positive findings' maps (pixelwise maximum) blended in and their
+    regions outlined; plain grey when nothing is positive. The printable
+    report (node/outputs/pdf_report.py) shows it, drawn from the same
+    rendition, so the source is not decoded again."""
+    source_shape = tuple(image.heatmaps.source_shape)
+    scale = min(1.0, max_side / max(source_shape))
+    if tuple(display.shape) != _rendered_shape(source_shape, max_side):
+        raise ValueError(f"display rendition {display.shape} does not fit a {source_shape} source at {max_side}")
+    heatmaps = _rescaled(image.heatmaps, scale, display.shape)
+    positives = image.positives
+    heat = (np.max([heatmaps.at_source(CHESTXRAY14.index(f.label)) for f in positives], axis=0)
+            if positives else None)
+    return np.asarray(_overlay(display, heat, positives, scale))
+
+
 def _compose(
     grey: np.ndarray,
     heat: np.ndarray | None,
@@ -130,6 +147,17 @@ def _compose(
     scale: float,
     lines: list[BannerLine],
 ) -> np.ndarray:
+    picture = _overlay(grey, heat, outlined, scale)
+    banner = render_banner(lines, picture.size[0])
+    return np.concatenate([banner, np.asarray(picture)], axis=0)
+
+
+def _overlay(
+    grey: np.ndarray,
+    heat: np.ndarray | None,
+    outlined: tuple[Finding, ...],
+    scale: float,
+) -> Image.Image:
     rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
     if heat is not None:
         heat = np.clip(heat, 0.0, 1.0)[..., None]
@@ -144,8 +172,7 @@ def _compose(
             # integers); map centres through the downscale.
             points = (np.asarray(region.polygon, dtype=np.float64) + 0.5) * scale - 0.5
             draw.line([tuple(p) for p in points.tolist()], fill=OUTLINE, width=width, joint="curve")
-    banner = render_banner(lines, picture.size[0])
-    return np.concatenate([banner, np.asarray(picture)], axis=0)
+    return picture
 
 
 def _secondary_capture(

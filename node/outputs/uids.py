@@ -41,7 +41,7 @@ def sr_instance_uid(source_sop_uids: list[str], model_ref: str, study_version: i
 
 
 def series_uid(study_uid: str, model_ref: str, kind: str) -> str:
-    """One series per output kind (sr, sc, seg, gsps), study and model version."""
+    """One series per output kind (sr, sc, seg, gsps, pdf), study and model version."""
     return derived_uid("series", study_uid, model_ref, kind)
 
 
@@ -58,3 +58,8 @@ def seg_instance_uid(source_sop_uid: str, model_ref: str, *qualifiers: str) -> s
 def gsps_instance_uid(source_sop_uid: str, model_ref: str, *qualifiers: str) -> str:
     """One GSPS per scored image and model."""
     return derived_uid("gsps", source_sop_uid, model_ref, *[q for q in qualifiers if q])
+
+
+def pdf_instance_uid(source_sop_uids: list[str], model_ref: str, study_version: int, *qualifiers: str) -> str:
+    """The Encapsulated PDF of one report version: like the SR, one per version."""
+    return derived_uid("pdf", *sorted(source_sop_uids), model_ref, str(study_version), *[q for q in qualifiers if q])

@@ -3,7 +3,8 @@
 One `deliver` job runs per (study version, destination); this stage only
 dispatches on the destination's type to its sender in `node/destinations/`:
 
-- `dicom`: C-STORE the SR and heatmap SCs into the PACS;
+- `dicom`: C-STORE the DICOM outputs into the PACS;
+- `dicomweb`: STOW-RS the same objects to a DICOMweb archive;
 - `fhir`:  POST a transaction Bundle with conditional create/update;
 - `hl7`:   send an ORU^R01 over MLLP and wait for the ACK.
 
@@ -67,7 +68,7 @@ def _audit(ctx: NodeContext, work: DeliverWork, outcome: int, why: str = "") -> 
     d = work.destination
     if d.type == "dicom":
         peer_id, address = d.ae_title, d.host
-    elif d.type == "fhir":
+    elif d.type in ("fhir", "dicomweb"):
         peer_id, address = d.base_url, urlsplit(d.base_url).hostname or ""
     else:
         peer_id, address = f"{d.host}:{d.port}", d.host

@@ -1,7 +1,10 @@
 """Stage 2: render a scored study as DICOM objects and FHIR resources.
 
 The DICOM objects are the kinds `outputs.kinds` names: the TID 1500 SR
-(always), heatmap SCs, a SEG and a GSPS per image with a drawn finding.
+(always), heatmap SCs, a SEG and a GSPS per image with a drawn finding, and
+the printable report as an Encapsulated PDF. The PDF itself is also kept as
+a file (`report-v<N>.pdf`) for the API download and FHIR's presentedForm
+whenever one of its uses is on (`outputs.report_pdf`).
 
 EncodeWork (the ScoredStudy and the files it refers to) -> Encoded (the
 objects written durably, the FHIR resources). UIDs, ids and creation times
@@ -29,15 +32,17 @@ from node.context import NodeContext
 from node.db import Instance, Job, Output, Study
 from node.fhir_store import save_resources
 from node.jobs import enqueue
-from node.outputs.fhir_report import build_report_resources
+from node.outputs.encapsulated_pdf import build_encapsulated_pdf
+from node.outputs.fhir_report import build_report_resources, pdf_attachment
 from node.outputs.gsps import build_presentation_state
+from node.outputs.pdf_report import Predecessor, predecessor_of, render_report_pdf
 from node.outputs.sc import build_heatmap_captures, display_rendition
 from node.outputs.seg import build_segmentation
 from node.outputs.sr import build_sr
 from node.pipeline import conclude
 from node.scored_study import ScoredStudy
 from node.states import OutputKind, Stage, StudyState
-from node.storage import display_path, output_path, write_durably
+from node.storage import display_path, output_path, report_pdf_path, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class EncodeWork:
     sources: dict[str, Path]  # SOP Instance UID -> the received instance
     displays: dict[str, Path]  # SOP Instance UID -> the display rendition infer kept
     predecessor_srs: tuple[Path, ...]  # the SR of the previous version, if any
+    predecessor: Predecessor | None = None  # the report version this one amends, if any
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,13 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> EncodeWo
         sources={uid: Path(sources[uid]) for uid in uids},
         displays={uid: display_path(ctx.work_dir, study.calling_ae, study.study_uid, study.version, uid) for uid in uids},
         predecessor_srs=tuple(Path(p) for p in previous),
+        predecessor=_predecessor(session, study),
     )
+
+
+def _predecessor(session: Session, study: Study) -> Predecessor | None:
+    previous = results.load_before(session, study.id, study.version) if study.version > 1 else None
+    return None if previous is None else predecessor_of(previous)
 
 
 def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
@@ -104,6 +116,13 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
     # The GSPS come first because the SR references them.
     states: dict[str, Dataset] = {}
     per_image: list[tuple[OutputKind, Dataset]] = []
+    displays: dict[str, np.ndarray] = {}
+
+    def display(uid: str) -> np.ndarray:
+        if uid not in displays:
+            displays[uid] = _display(work, uid, cap)
+        return displays[uid]
+
     for index, image in enumerate(scored.images):
         uid = image.sop_instance_uid
         if OutputKind.GSPS in kinds and (gsps := build_presentation_state(headers[uid], image, scored,
@@ -115,12 +134,23 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
             per_image.append((OutputKind.SEG, seg))
         if OutputKind.SC in kinds:
             captures = build_heatmap_captures(
-                headers[uid], image, _display(work, uid, cap), scored,
+                headers[uid], image, display(uid), scored,
                 first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
             )
             per_image.extend((OutputKind.SC, sc) for sc in captures)
     sr = build_sr(scored, headers, predecessors or None, presentation_states=states)
-    objects: list[tuple[OutputKind, Dataset]] = [(OutputKind.SR, sr), *per_image]
+    objects: list[tuple[OutputKind, Dataset]] = [(OutputKind.SR, sr)]
+
+    pdf = None
+    report = ctx.settings.outputs.report_pdf
+    if ctx.settings.outputs.renders_pdf:
+        pdf = render_report_pdf(scored, {image.sop_instance_uid: display(image.sop_instance_uid) for image in scored.images},
+                                font_dir=report.font_dir, predecessor=work.predecessor)
+        write_durably(pdf, report_pdf_path(ctx.outputs_dir, scored.calling_ae, scored.study_uid, scored.version))
+        if OutputKind.PDF in kinds:
+            sources = [headers[image.sop_instance_uid] for image in scored.images]
+            objects.append((OutputKind.PDF, build_encapsulated_pdf(pdf, sources, scored)))
+    objects.extend(per_image)
 
     written = []
     for kind, obj in objects:
@@ -130,7 +160,9 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
         write_durably(buffer.getvalue(), path)
         written.append(EncodedObject(kind, str(obj.SOPInstanceUID), str(obj.SOPClassUID),
                                      str(obj.SeriesInstanceUID), path))
-    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system)
+    attachment = pdf_attachment(pdf, scored) if pdf is not None and report.fhir else None
+    resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system,
+                                       presented_form=attachment)
     return Encoded(scored, tuple(written), resources)
 
 

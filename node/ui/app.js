@@ -39,6 +39,10 @@ async function showStudy(uid, callingAe) {
   $("#detail-uid").textContent = uid;
   $("#detail-state").textContent = `${st.state} · version ${st.version}` +
     (st.model ? ` · ${st.model.name} ${st.model.version}` : "") + (st.model && st.model.demo ? ` · ${st.model.caveat}` : "");
+  // The report of the latest version, when encode kept one (GET /api/v1/studies/{uid}/report.pdf, audited).
+  const report = $("#detail-report");
+  report.hidden = !(st.state === "done" && st.model);
+  report.href = `/api/v1/studies/${encodeURIComponent(uid)}/report.pdf?calling_ae=${encodeURIComponent(callingAe)}`;
   const box = $("#detail-findings");
   box.replaceChildren();
   for (const img of st.images) {
