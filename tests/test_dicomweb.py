@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from dicomweb_client.api import DICOMwebClient

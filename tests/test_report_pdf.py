@@ -97,7 +97,7 @@ def test_the_report_reads_back_with_findings_disclaimer_and_demo_marking_on_ever
     assert squeeze(DISCLAIMER) in text
     assert "Golden, Gloria M" in text and "GOLD-0042" in text and "ACCGOLD1" in text and g.STUDY_UID in text
     assert "Triage priority: STAT" in text
-    assert f"Model densenet121-res224-all Version demo-seed0" in text and "ab" * 32 in text
+    assert "Model densenet121-res224-all Version demo-seed0" in text and "ab" * 32 in text
     for page in range(1, pages + 1):  # the em dash included, as printed
         assert DEMO_WARNING in pdf_text(path, page), f"page {page} lacks the demo marking"
     fonts = _tool("pdffonts", str(path)).splitlines()[2:]
