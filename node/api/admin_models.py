@@ -49,6 +49,16 @@ def _lineage(meta: dict) -> str:
     return ""
 
 
+def _file_time(path) -> str:
+    """When a registry entry was written, for entries whose record has no import time (the demo)."""
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    except OSError:
+        return ""
+
+
 def rollback_target(registry: ModelRegistry) -> str | None:
     """The model active before the current one: the `previous` of the activation that made it active."""
     active = registry.active_ref()
@@ -69,7 +79,8 @@ def models_view(node) -> dict:
             "ref": e.ref, "name": e.name, "version": e.version, "active": e.ref == active,
             "kind": "ensemble" if e.is_ensemble else ("demo" if e.demo else "clinical"),
             "weights_sha256": m.get("sha256") or "", "source_sha256": m.get("source_sha256") or "",
-            "imported_at": m.get("imported_at") or m.get("created_at") or "", "lineage": _lineage(m),
+            "imported_at": m.get("imported_at") or m.get("created_at") or _file_time(e.directory / "model.json"),
+            "lineage": _lineage(m),
             "problem": m.get("problem", ""),
         })
     return {

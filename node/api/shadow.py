@@ -14,6 +14,8 @@ patient data.
 """
 from __future__ import annotations
 
+import re
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -39,6 +41,8 @@ def shadow_json(request: Request, model: str | None = None) -> dict:
 @router.get("/shadow.csv")
 def shadow_csv(request: Request, model: str | None = None) -> Response:
     view = _view(request, model)
-    name = (view["shadow_model"] or "none").replace("@", "_")
+    # The name comes from the query: only registry-safe characters go into the header
+    # (anything else, e.g. a character outside Latin-1, cannot be sent and was a 500).
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", view["shadow_model"] or "none")[:140]
     return Response(shadow.to_csv(view), media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="shadow-{name}.csv"'})
