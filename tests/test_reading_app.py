@@ -185,9 +185,10 @@ def test_worklist_polling_answers_304_while_unchanged_and_audits_only_what_it_se
         assert same.status_code == 304 and same.content == b""
         assert audit_count(rig, "110112") == queries  # nothing sent, nothing read
         added = add_study(rig, engine, [f.make_dx(np.full((32, 32), 90, np.uint8), patient_id="PAT-LATE")],
-                          priority=Priority.ROUTINE, patient_name="Late^Larry")
+                          priority=Priority.ROUTINE, patient_name="Late^<script>alert(1)</script>")
         changed = client.get("/worklist/rows", headers={"If-None-Match": etag})
         assert changed.status_code == 200 and changed.headers["etag"] != etag
+        assert "<script" not in changed.text and "LATE, &lt;script&gt;alert(1)&lt;/script&gt;" in changed.text  # escaped
         assert row_ids(changed.text)[1] == added["id"]  # below the STAT study, above the older ones
         assert audit_count(rig, "110112") == queries + 1
         assert "PAT-LATE" in last_audit(rig).xml

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -145,7 +145,8 @@ def worklist_rows(request: Request):
 
 
 @router.get("/studies/{study_id}", dependencies=[require(Permission.READ_STUDIES)])
-def study_page(request: Request, study_id: int, version: int | None = Query(None, ge=1, le=2**31)):
+def study_page(request: Request, study_id: int = PathParam(ge=1, le=2**63 - 1),
+               version: int | None = Query(None, ge=1, le=2**31)):
     node = request.app.state.node
     principal = request.state.principal
     with node.db.session() as s:
