@@ -93,3 +93,23 @@ def send_files(
         if assoc.is_established:
             assoc.release()
     return report
+
+
+def echo(*, calling_ae: str, called_ae: str, host: str, port: int, timeout: float = 5.0,
+         tls: ssl.SSLContext | None = None, server_name: str | None = None) -> int:
+    """C-ECHO (Verification) once: the DIMSE status (0x0000 is success). Raises
+    SendError when no association is possible."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    tls_args = (tls, server_name or host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER], tls_args=tls_args)
+    if not assoc.is_established:
+        raise SendError(f"association with {called_ae}@{host}:{port} not established")
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status) if rsp and "Status" in rsp else 0xFFFF
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -564,6 +564,25 @@ class SecuritySettings(_Strict):
     predict_rate: RateLimit = Field(default_factory=lambda: RateLimit(requests=120, per_seconds=60))
 
 
+class UploadSettings(_Strict):
+    """The reading app's upload (POST /api/v1/upload): one DICOM, PNG or JPEG
+    (at most inference.predict_max_upload_mb), or a zip of them, bounded so
+    that a hostile archive costs little (node/uploads.py)."""
+
+    max_zip_mb: float = Field(default=512.0, gt=0)  # the archive itself
+    max_members: int = Field(default=200, ge=1)  # images in one archive
+    max_total_mb: float = Field(default=2048.0, gt=0)  # all members, uncompressed
+    # Uncompressed/compressed size of a member over 1 MB beyond which it is a zip bomb.
+    max_ratio: float = Field(default=100.0, gt=1)
+
+
+class UiSettings(_Strict):
+    """The reading web app (node/api/pages.py)."""
+
+    refresh_seconds: float = Field(default=5.0, gt=0)  # worklist polling (answered 304 while unchanged)
+    upload: UploadSettings = Field(default_factory=UploadSettings)
+
+
 class SyslogSettings(_Strict):
     """Forward every audit record to a syslog collector (RFC 5424 over TCP,
     octet-counting framing of RFC 5425/6587; TLS optional)."""
@@ -600,6 +619,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     destinations: list[Destination] = Field(default_factory=list)
     triage: TriageSettings = Field(default_factory=TriageSettings)
+    ui: UiSettings = Field(default_factory=UiSettings)
     hl7_listener: Hl7ListenerSettings = Field(default_factory=Hl7ListenerSettings)
     outputs: OutputSettings = Field(default_factory=OutputSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)

@@ -65,6 +65,10 @@ class Study(Base):
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     accession_number: Mapped[str] = mapped_column(String(16), default="")
+    # For the reading app's worklist (search, date filter), read once from the
+    # first instance's header; "" when absent or unreadable. PHI: never log them.
+    patient_name: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="", server_default="")  # YYYYMMDD
     state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVED, index=True)  # node.states
     reason: Mapped[str] = mapped_column(Text, default="")
     first_received_at: Mapped[float] = mapped_column(Float, default=now)

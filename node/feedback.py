@@ -20,8 +20,8 @@ mode compares against), per image and pathology:
 An image without any labelled pathology is not exported; a pathology without
 feedback stays empty in its row ("not labelled", never 0).
 
-Only a row's author may edit it (`update`); the reading app's API (a later
-issue) builds on `save`, `update` and `list_for_study`.
+Only a row's author may edit it (`update`); the reading app's API
+(node/api/reading.py) builds on `save`, `update`, `list_for_study` and `labelled_set`.
 """
 from __future__ import annotations
 
@@ -156,17 +156,18 @@ def labels_by_image(session: Session) -> dict[tuple[int, str], dict[str, int]]:
     return out
 
 
-def export_labelled_set(db: Database, out: Path, *, instances_dir: Path) -> int:
-    """Write the feedback as a labelled set (node/governance/labels.py columns format).
+def labelled_set(db: Database, *, instances_dir: Path) -> tuple[str, list[tuple[str, str]]]:
+    """The feedback as a labelled set (node/governance/labels.py columns format),
+    as CSV text, with the (patient ID, study UID) of every row for the audit trail.
 
     Columns: `image` (the stored instance, relative to `instances_dir` when
     under it), `study_instance_uid`, `sop_instance_uid` (ignored by the
     reader), then one column per ChestX-ray14 pathology: 1, 0, or empty when
-    not labelled. Returns the number of rows."""
+    not labelled."""
     instances_dir = Path(instances_dir).resolve()
+    rows, pairs = [], []
     with db.session() as s:
         labelled = labels_by_image(s)
-        rows = []
         for (study_id, sop_uid), labels in sorted(labelled.items()):
             instance = s.scalar(select(Instance).where(Instance.study_id == study_id,
                                                        Instance.sop_instance_uid == sop_uid))
@@ -176,10 +177,17 @@ def export_labelled_set(db: Database, out: Path, *, instances_dir: Path) -> int:
             path = Path(instance.path).resolve()
             image = os.path.relpath(path, instances_dir) if path.is_relative_to(instances_dir) else str(path)
             rows.append([image, study.study_uid, sop_uid] + [str(labels[l]) if l in labels else "" for l in CHESTXRAY14])
+            pairs.append((study.patient_id, study.study_uid))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "study_instance_uid", "sop_instance_uid", *CHESTXRAY14])
     writer.writerows(rows)
+    return buffer.getvalue(), pairs
+
+
+def export_labelled_set(db: Database, out: Path, *, instances_dir: Path) -> int:
+    """Write `labelled_set` to `out`; returns the number of rows."""
+    text, pairs = labelled_set(db, instances_dir=instances_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(buffer.getvalue())
-    return len(rows)
+    out.write_text(text)
+    return len(pairs)

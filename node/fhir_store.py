@@ -196,6 +196,32 @@ def read_current_many(session: Session, resource_type: str, resource_ids: Iterab
     return sorted(rows, key=lambda row: order[row.resource_id])
 
 
+def study_resources(session: Session, study_id: int) -> list[dict]:
+    """The current resources of one study's report (what its bundle holds): every
+    current row written for the study, plus the shared ones they reference
+    (Patient, Device) which an earlier study may have written first."""
+    rows = session.scalars(select(FhirResource).where(FhirResource.study_id == study_id, FhirResource.is_current)
+                           .order_by(FhirResource.id)).all()
+    bodies = {(r.resource_type, r.resource_id): json.loads(r.body) for r in rows}
+    for body in list(bodies.values()):
+        for reference in _references(body):
+            rtype, _, rid = reference.partition("/")
+            if (rtype, rid) not in bodies and rid and "/" not in rid:
+                row = read_current(session, rtype, rid)
+                if row is not None:
+                    bodies[(rtype, rid)] = json.loads(row.body)
+    return list(bodies.values())
+
+
+def _references(value) -> list[str]:
+    if isinstance(value, dict):
+        found = [value["reference"]] if isinstance(value.get("reference"), str) else []
+        return found + [r for v in value.values() for r in _references(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _references(v)]
+    return []
+
+
 # --- searching ---------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
-from node.db import Database, Job, Study, server_now
+from node.db import Database, Instance, Job, Result, Study, server_now
 from node.states import JobState, Stage
 
 
@@ -55,3 +55,26 @@ def snapshot(db: Database, settings=None) -> Snapshot:
         oldest_dead_age=max(0.0, t - min(died)) if died else 0.0,
         dead_since=dead_since,
     )
+
+
+@dataclass(frozen=True)
+class Throughput:
+    window_seconds: float
+    instances_received: int
+    studies_scored: int  # study versions with a result
+    deliveries_done: int
+    deliveries_dead: int
+
+
+def throughput(db: Database, window_seconds: float) -> Throughput:
+    """What the node did in the last `window_seconds` (for the admin's system page)."""
+    with db.session() as s:
+        since = server_now(s) - window_seconds
+        received = s.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= since))
+        scored = s.scalar(select(func.count()).select_from(Result).where(Result.created_at >= since))
+        delivered = dict(s.execute(
+            select(Job.state, func.count()).where(Job.stage == Stage.DELIVER, Job.finished_at >= since,
+                                                  Job.state.in_([JobState.DONE, JobState.DEAD]))
+            .group_by(Job.state)).all())
+    return Throughput(window_seconds, received or 0, scored or 0, delivered.get(JobState.DONE, 0),
+                      delivered.get(JobState.DEAD, 0))

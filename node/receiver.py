@@ -112,6 +112,7 @@ def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -
                 patient_id=received.patient_id[:64],
                 accession_number=received.accession_number[:16],
                 first_received_at=t,
+                **worklist_fields(path),
                 last_received_at=t,
             )
             s.add(study)
@@ -143,6 +144,21 @@ def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -
             study.state = StudyState.RECEIVED
             study.reason = ""
         return outcome
+
+
+def worklist_fields(path: Path) -> dict[str, str]:
+    """PatientName and StudyDate of a new study's first instance, for the
+    reading app's worklist. Best effort: an unreadable or odd value gives ""
+    and never fails the C-STORE (the SCP has already vetted the header)."""
+    from inference.dicom_file import read_header
+
+    try:
+        header = read_header(path, ["PatientName", "StudyDate"])
+        name = str(header.get("PatientName", "") or "").strip()
+        date = str(header.get("StudyDate", "") or "").strip()
+    except Exception:
+        return {}
+    return {"patient_name": name[:255], "study_date": date if len(date) == 8 and date.isdigit() else ""}
 
 
 def _describe(instance: Instance, received: ReceivedInstance, path: Path, sha256: str, t: float, chest: bool) -> None:

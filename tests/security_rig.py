@@ -11,17 +11,18 @@ import httpx
 import numpy as np
 import uvicorn
 
-from dicom_factory import make_dx
+from dicom_factory import make_dx, write
+from pydicom.uid import generate_uid
 from inference.types import CHESTXRAY14, Finding, ModelInfo
 from node.api.app import create_app
 from node.api.auth import create_token
 from node.config import Settings
 from node.context import NodeContext
 from node import results
-from node.db import ApiToken, Database, Job, Output, Study, now
+from node.db import ApiToken, Database, Instance, Job, Output, Study, now
 from node.outputs.encapsulated_pdf import build_encapsulated_pdf
-from node.storage import output_path, report_pdf_path
 from node.fhir_store import save_resources
+from node.storage import instance_path, output_path, report_pdf_path
 from node.outputs.fhir_report import build_report_resources
 from node.study_facts import StudyFacts
 from node.users import add_user
@@ -41,6 +42,8 @@ class Seeded:
     study_uid: str
     report_id: str
     study_row_id: int
+    sop_uid: str = ""  # its one scored image (stored under instances/, scored, with an SR output)
+    output_id: int = 0
     # One Carina output (an Encapsulated PDF) for the DICOMweb routes, and the report PDF.
     output_series_uid: str = ""
     output_sop_uid: str = ""
@@ -73,35 +76,50 @@ class Rig:
             return job.id
 
 
-def seed(db: Database, patient_id: str = "PAT-RIG-1", outputs_dir: Path | None = None) -> Seeded:
+def seed(db: Database, data_dir: Path, patient_id: str = "PAT-RIG-1") -> Seeded:
+    """One done study: its scored version 1 (Effusion positive), the received file, an SR output
+    file, an Encapsulated PDF output with its report PDF, and its FHIR resources, so every
+    reading-app and DICOMweb route has something to read."""
     ds = make_dx(np.full((16, 16), 100, np.uint8), patient_id=patient_id, accession="ACC-RIG-1")
     facts = StudyFacts.from_datasets([ds])
     findings = [Finding(label, 0.9 if label == "Effusion" else 0.1, 0.5, label == "Effusion") for label in CHESTXRAY14]
-    scored = scored_from_facts(facts, {ds.SOPInstanceUID: findings}, MODEL, version=1, status="preliminary")
+    scored = scored_from_facts(facts, {ds.SOPInstanceUID: findings}, MODEL, version=1, status="preliminary",
+                               shapes={ds.SOPInstanceUID: (16, 16)})
     resources = build_report_resources(scored, patient_system=SYSTEM)
-    output = None
-    if outputs_dir is not None:
-        pdf = b"%PDF-1.4\n% a stand-in report for the route tests\n%%EOF\n"
-        report_pdf_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, 1).parent.mkdir(parents=True, exist_ok=True)
-        report_pdf_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, 1).write_bytes(pdf)
-        output = build_encapsulated_pdf(pdf, [ds], scored)
-        path = output_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, "pdf", output.SOPInstanceUID)
-        output.save_as(path, enforce_file_format=True)
+    source = instance_path(Path(data_dir) / "instances", "MODALITY", ds.StudyInstanceUID, ds.SOPInstanceUID)
+    source.parent.mkdir(parents=True, exist_ok=True)
+    write(ds, source)
+    sr = Path(data_dir) / "outputs" / "sr-rig.dcm"
+    sr.parent.mkdir(parents=True, exist_ok=True)
+    sr.write_bytes(source.read_bytes())  # any DICOM file: the route serves the bytes it finds
+    outputs_dir = Path(data_dir) / "outputs"
+    pdf = b"%PDF-1.4\n% a stand-in report for the route tests\n%%EOF\n"
+    report_pdf_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, 1).parent.mkdir(parents=True, exist_ok=True)
+    report_pdf_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, 1).write_bytes(pdf)
+    encapsulated = build_encapsulated_pdf(pdf, [ds], scored)
+    pdf_path = output_path(outputs_dir, "MODALITY", ds.StudyInstanceUID, "pdf", encapsulated.SOPInstanceUID)
+    encapsulated.save_as(pdf_path, enforce_file_format=True)
     with db.session() as s:
         study = Study(calling_ae="MODALITY", study_uid=ds.StudyInstanceUID, patient_id=patient_id,
-                      accession_number="ACC-RIG-1", state="done", version=1)
+                      accession_number="ACC-RIG-1", state="done", version=1, patient_name="Rig^Patient",
+                      study_date="20261121")
         s.add(study)
         s.flush()
         save_resources(s, resources, study.id)
         results.store(s, study.id, scored)
-        if output is not None:
-            s.add(Output(study_id=study.id, version=1, kind="pdf", sop_instance_uid=output.SOPInstanceUID,
-                         sop_class_uid=output.SOPClassUID, series_uid=output.SeriesInstanceUID, path=str(path)))
-        study_row_id = study.id
+        s.add(Instance(study_id=study.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                       path=str(source), state="scored"))
+        output = Output(study_id=study.id, version=1, kind="sr", sop_instance_uid=generate_uid(),
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", series_uid=generate_uid(), path=str(sr))
+        s.add(output)
+        s.add(Output(study_id=study.id, version=1, kind="pdf", sop_instance_uid=encapsulated.SOPInstanceUID,
+                     sop_class_uid=encapsulated.SOPClassUID, series_uid=encapsulated.SeriesInstanceUID,
+                     path=str(pdf_path)))
+        s.flush()
+        study_row_id, output_id = study.id, output.id
     report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
-    return Seeded(patient_id, ds.StudyInstanceUID, report["id"], study_row_id,
-                  output.SeriesInstanceUID if output is not None else "",
-                  output.SOPInstanceUID if output is not None else "")
+    return Seeded(patient_id, ds.StudyInstanceUID, report["id"], study_row_id, ds.SOPInstanceUID, output_id,
+                  encapsulated.SeriesInstanceUID, encapsulated.SOPInstanceUID)
 
 
 def start(tmp: Path, *, engine=None, settings: dict | None = None) -> tuple[Rig, uvicorn.Server, threading.Thread]:
@@ -112,7 +130,7 @@ def start(tmp: Path, *, engine=None, settings: dict | None = None) -> tuple[Rig,
     ctx.ready.update(db=True, scp=True, model=True)
     ctx.engine = engine
     rig = Rig("", ctx, create_app(ctx))
-    rig.seeded = seed(db, outputs_dir=ctx.outputs_dir)
+    rig.seeded = seed(db, tmp)
     for role in ROLES:
         rig.tokens[role] = create_token(db, f"tok-{role}", role, expires_days=1)
     rig.tokens["expired"] = create_token(db, "tok-expired", "admin", expires_days=1)

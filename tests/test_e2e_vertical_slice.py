@@ -165,9 +165,10 @@ def test_api_requires_a_token_and_shows_study_state(loop):
 
 
 def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
-    """The operator UI in Debian's Chromium (Playwright drives it; no browser download):
-    log in as a viewer, see the study's findings under the CSP, log out; then an admin's
-    audit page shows that viewer's read of the patient's study."""
+    """The reading app in Debian's Chromium (Playwright drives it; no browser download):
+    log in as a viewer, open the study from the worklist and see its findings under the
+    CSP, log out; then an admin's audit page shows that viewer's read of the patient's
+    study. The reading app's own acceptance test is tests/test_reading_app_ui.py."""
     from peers import require_tool
     from playwright.sync_api import expect, sync_playwright
 
@@ -186,22 +187,23 @@ def test_web_ui_shows_demo_caveat_and_study_findings(loop, tmp_path):
             page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
             node.create_user("reader", "viewer", "a long enough passphrase")
             page.goto(node.url)
-            page.wait_for_url("**/login")  # no session yet: the UI sends the browser to log in
+            page.wait_for_url("**/login?next=%2F")  # no session yet: the server sends the browser to log in
             page.fill("#username", "reader")
             page.fill("#password", "a long enough passphrase")
             page.click("#login-button")
             page.wait_for_url(node.url + "/")
             expect(page.locator("#demo-banner")).to_have_text(DEMO_WARNING)
             expect(page.locator("#who")).to_have_text("reader (viewer)")
-            expect(page.locator("#audit-link")).to_be_hidden()  # admins only
+            expect(page.locator("#audit-link")).to_have_count(0)  # admins only
             row = page.locator(f"tr.study[data-uid='{dx_uid}']")
             expect(row).to_contain_text("done")
-            row.click()
-            expect(page.locator("#detail-uid")).to_have_text(dx_uid)
-            expect(page.locator("#detail-state")).to_contain_text(DEMO_WARNING)
-            expect(page.locator("#detail-findings tr")).to_have_count(14)
-            expect(page.locator("#detail-deliveries")).to_contain_text("pacs: done")
-            report = page.locator("#detail-report")  # the printable report, with the session's cookie
+            row.locator("a.open").click()
+            page.wait_for_url("**/studies/*")
+            expect(page.locator("#patient-id")).to_have_text(studies["dx"].PatientID)
+            expect(page.locator("#demo-banner")).to_have_text(DEMO_WARNING)
+            expect(page.locator("tr.finding")).to_have_count(14)
+            expect(page.locator("#deliveries")).to_contain_text("pacs: done")
+            report = page.locator("#report-pdf")  # the printable report, with the session's cookie
             expect(report).to_be_visible()
             pdf = page.request.get(node.url + report.get_attribute("href"))
             assert pdf.status == 200 and pdf.headers["content-type"] == "application/pdf"

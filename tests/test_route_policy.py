@@ -47,6 +47,7 @@ def examples(rig) -> dict[tuple[str, str], tuple[callable, int]]:
     study = f"/dicomweb/studies/{s.study_uid}"
     series = f"{study}/series/{s.output_series_uid}"
     instance = f"{series}/instances/{s.output_sop_uid}"
+    read = f"/api/v1/read/{s.study_row_id}"
     return {
         ("POST", "/api/v1/session"): (lambda: dict(json={"username": "user-viewer", "password": PASSWORD}), 200),
         ("GET", "/api/v1/session"): (lambda: {}, 200),
@@ -72,7 +73,7 @@ def examples(rig) -> dict[tuple[str, str], tuple[callable, int]]:
         ("PATCH", "/fhir/{path:path}"): (lambda: dict(url="/fhir/Patient/x"), 405),
         ("DELETE", "/fhir/{path:path}"): (lambda: dict(url="/fhir/Patient/x"), 405),
         ("POST", "/api/v1/predict"): (lambda: dict(files={"image": ("a.png", PNG, "image/png")}), 200),
-        ("GET", "/ui"): (lambda: dict(url="/ui/app.js"), 200),
+        ("GET", "/ui"): (lambda: dict(url="/ui/common.js"), 200),
         ("GET", "/api/openapi.json"): (lambda: {}, 200),
         ("GET", "/healthz"): (lambda: {}, 200),
         ("GET", "/"): (lambda: {}, 200),
@@ -111,6 +112,29 @@ def examples(rig) -> dict[tuple[str, str], tuple[callable, int]]:
             (lambda: dict(url=f"{instance}/metadata"), 200),
         ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulkdata/{tag}"):
             (lambda: dict(url=f"{instance}/bulkdata/00420011"), 200),
+        # The reading app: its pages, the data they read, feedback, upload, the admin pages' API.
+        ("GET", "/worklist/rows"): (lambda: {}, 200),
+        ("GET", "/studies/{study_id}"): (lambda: dict(url=f"/studies/{s.study_row_id}"), 200),
+        ("GET", "/upload"): (lambda: {}, 200),
+        ("GET", "/admin/models"): (lambda: {}, 200),
+        ("GET", "/admin/system"): (lambda: {}, 200),
+        ("GET", "/api/v1/read/{study_id}/images/{sop_uid}.png"):
+            (lambda: dict(url=f"{read}/images/{s.sop_uid}.png", params={"version": 1}), 200),
+        ("GET", "/api/v1/read/{study_id}/heatmaps/{sop_uid}/{label}.png"):
+            (lambda: dict(url=f"{read}/heatmaps/{s.sop_uid}/Effusion.png", params={"version": 1}), 200),
+        ("GET", "/api/v1/read/{study_id}/outputs/{output_id}"): (lambda: dict(url=f"{read}/outputs/{s.output_id}"), 200),
+        ("GET", "/api/v1/read/{study_id}/fhir.json"): (lambda: dict(url=f"{read}/fhir.json"), 200),
+        ("GET", "/api/v1/read/{study_id}/feedback"): (lambda: dict(url=f"{read}/feedback"), 200),
+        ("PUT", "/api/v1/read/{study_id}/feedback"): (lambda: dict(url=f"{read}/feedback", json={
+            "version": 1, "sop_instance_uid": s.sop_uid, "label": "Effusion", "verdict": "agree"}), 200),
+        ("PATCH", "/api/v1/feedback/{feedback_id}"):
+            (lambda: dict(url="/api/v1/feedback/999999", json={"verdict": "agree"}), 404),  # no such row
+        ("GET", "/api/v1/feedback/export.csv"): (lambda: {}, 200),
+        ("POST", "/api/v1/upload"): (lambda: dict(files={"file": ("a.png", PNG, "image/png")}), 200),
+        ("GET", "/api/v1/admin/models"): (lambda: {}, 200),
+        ("POST", "/api/v1/admin/models/activate"): (lambda: dict(json={"ref": "none@0"}), 404),  # no such model
+        ("POST", "/api/v1/admin/models/rollback"): (lambda: dict(json={}), 409),  # nothing activated before
+        ("GET", "/api/v1/admin/destinations/health"): (lambda: {}, 200),  # none configured here
     }
 
 
@@ -180,7 +204,13 @@ def _check_headers(rsp, path: str):
     assert "frame-ancestors 'none'" in h["content-security-policy"]
     assert h["x-content-type-options"] == "nosniff"
     assert h["referrer-policy"] == "no-referrer"
-    assert h["cache-control"] == ("no-cache" if path.startswith("/ui/") else "no-store")
+    if path.startswith("/ui/"):
+        assert h["cache-control"] == "no-cache"
+    elif rsp.status_code == 200 and path.startswith("/api/v1/read/") and any(
+            part in path for part in ("/images/", "/heatmaps/", "/outputs/")):
+        assert h["cache-control"] == "private, no-store"  # a patient's pictures and files
+    else:
+        assert h["cache-control"] == "no-store"
     assert "strict-transport-security" not in h  # plain HTTP here; test_http_tls checks HSTS
 
 

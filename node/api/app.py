@@ -1,4 +1,4 @@
-"""The HTTP face of the node: health, operator API, FHIR, and the web UI.
+"""The HTTP face of the node: health, operator API, FHIR, and the reading web app.
 
 Every route declares its access policy (node/api/policy.py); `check_policies`
 refuses to build an app with a route that does not. Every response carries
@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from node.api import admin, ops, sessions, studies
+from node.api import admin, admin_models, ops, pages, reading, sessions, studies, upload
 from node.api.dicomweb_routes import router as dicomweb_router
 from node.api.fhir_routes import router as fhir_router
 from node.api.headers import SecurityHeaders
@@ -21,7 +22,7 @@ from node.api.predict import router as predict_router
 from node.api.shadow import router as shadow_router
 from node.context import NodeContext
 
-UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
 OPENAPI_PATH = "/api/openapi.json"
 
 
@@ -39,7 +40,13 @@ def create_app(ctx: NodeContext) -> FastAPI:
     app.include_router(ops.admin)  # /api/v1/admin/...
     app.include_router(shadow_router)  # GET /api/v1/shadow[.csv]: admin-only
     app.include_router(dicomweb_router)  # STOW-RS in, QIDO-RS and WADO-RS of Carina's outputs
-    mount_public(app, "/ui", StaticFiles(directory=UI_DIR), "ui", "the web UI's scripts and styles; no patient data")
+    app.include_router(reading.router)  # the reading app's images, heatmaps, downloads and feedback
+    app.include_router(upload.router)  # POST /api/v1/upload
+    app.include_router(admin_models.router)  # the admin pages' model registry and destination probes
+    app.include_router(pages.router)  # the reading app's pages (server-rendered)
+    app.add_exception_handler(StarletteHTTPException, pages.page_errors)
+    mount_public(app, "/ui", StaticFiles(directory=STATIC_DIR), "ui",
+                 "the web app's scripts, styles and admin page shells; no patient data")
 
     @app.get(OPENAPI_PATH, include_in_schema=False, dependencies=[require(Permission.SESSION)])
     def openapi():
@@ -64,19 +71,6 @@ def create_app(ctx: NodeContext) -> FastAPI:
                 shadow_info = getattr(node.engine, "shadow_model_info", None)
                 body["model"]["shadow"] = None if shadow_info is None else shadow_info.ref
         return JSONResponse(body)
-
-    @app.get("/", include_in_schema=False, dependencies=[public("the UI shell; it loads data only after login")])
-    def index():
-        return FileResponse(UI_DIR / "index.html")
-
-    @app.get("/login", include_in_schema=False, dependencies=[public("the login page")])
-    def login_page():
-        return FileResponse(UI_DIR / "login.html")
-
-    @app.get("/audit", include_in_schema=False,
-             dependencies=[public("the audit page's shell; its data comes from the admin-only /api/v1/audit")])
-    def audit_page():
-        return FileResponse(UI_DIR / "audit.html")
 
     settings = ctx.settings
     app.add_middleware(SecurityHeaders, https=sessions.https(settings),

@@ -6,7 +6,8 @@
 - X-Content-Type-Options: nosniff; Referrer-Policy: no-referrer (FHIR search
   URLs carry patient identifiers);
 - Cache-Control: no-store on everything except the UI's static files, which
-  carry no patient data: any API answer may;
+  carry no patient data: any API answer may (a route may send a stricter
+  value, as the reading app's images do: "private, no-store");
 - Strict-Transport-Security when Carina is served over HTTPS.
 """
 from __future__ import annotations
@@ -47,7 +48,9 @@ class SecurityHeaders:
                 if cacheable:
                     headers["cache-control"] = "no-cache"
                 else:
-                    headers["cache-control"] = "no-store"
+                    # A route may say more (images: "private, no-store"), never less.
+                    if "no-store" not in headers.get("cache-control", ""):
+                        headers["cache-control"] = "no-store"
                     headers["pragma"] = "no-cache"
             await send(message)
 

@@ -84,6 +84,8 @@ class Policy:
         from node.audit import events
 
         principal = auth.authenticate(request)  # 401 unless a valid credential
+        # Known even when refused below: a refusal page still shows who is logged in.
+        request.state.principal = principal
         node = request.app.state.node
         if not allows(principal.role, self.permission):
             events.access_denied(node.audit, auth.actor(request, principal), request.method, request.url.path,

@@ -46,13 +46,13 @@ class _TooLarge(Exception):
     pass
 
 
-class _BadInput(Exception):
+class BadInput(Exception):
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status, self.reason = status, reason
 
 
-def _error(status: int, reason: str) -> JSONResponse:
+def error_response(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"status": "error", "reason": reason}, status_code=status)
 
 
@@ -66,13 +66,46 @@ async def predict(request: Request):
     limit = int(node.settings.inference.predict_max_upload_mb * 1024 * 1024)
     limit_text = f"{node.settings.inference.predict_max_upload_mb:g} MB (inference.predict_max_upload_mb)"
 
+    form = await read_form(request, limit, limit_text)
+    if isinstance(form, JSONResponse):
+        return form
+    try:
+        upload = form.get(FIELD)
+        if not isinstance(upload, UploadFile):
+            return error_response(422, f"multipart field {FIELD!r} with the image file is missing")
+        data = await upload.read()
+    finally:
+        await form.close()
+    if not data:
+        return error_response(422, f"the uploaded {FIELD!r} file is empty")
+
+    engine = node.engine
+    if engine is None:
+        return error_response(503, "the model is not loaded yet; see /healthz")
+    patient_id, study_uid = dicom_identity(data)
+    try:
+        result, kind = await run_in_threadpool(score_bytes, engine, data)
+    except BadInput as exc:
+        await run_in_threadpool(events.predict_import, node.audit, actor(request), kind=kind_of(data),
+                                patient_id=patient_id, study_uid=study_uid, outcome=MINOR_FAILURE,
+                                why=f"refused with HTTP {exc.status}")
+        return error_response(exc.status, exc.reason)
+    await run_in_threadpool(events.predict_import, node.audit, actor(request), kind=kind, patient_id=patient_id,
+                            study_uid=study_uid, outcome=SUCCESS)
+    return JSONResponse(response_body(result, kind, (time.perf_counter() - started) * 1000))
+
+
+async def read_form(request: Request, limit: int, limit_text: str, field: str = FIELD):
+    """The multipart form of an upload (files spooled by Starlette), or the 4xx
+    JSONResponse to answer: 415 not multipart, 413 beyond `limit` bytes (on
+    Content-Length, then counted while streaming), 422 malformed. The caller closes it."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        return _error(415, f"expected a multipart/form-data upload with the file in field {FIELD!r}, "
+        return error_response(415, f"expected a multipart/form-data upload with the file in field {field!r}, "
                            f"got Content-Type {content_type or 'none'!r}")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return _error(413, f"upload of {int(declared):,} bytes exceeds the limit of {limit_text}")
+        return error_response(413, f"upload of {int(declared):,} bytes exceeds the limit of {limit_text}")
 
     async def capped():
         received = 0
@@ -83,52 +116,28 @@ async def predict(request: Request):
             yield chunk
 
     try:
-        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=8).parse()
+        return await MultiPartParser(request.headers, capped(), max_files=1, max_fields=8).parse()
     except _TooLarge:
-        return _error(413, f"upload exceeds the limit of {limit_text}")
+        return error_response(413, f"upload exceeds the limit of {limit_text}")
     except MultiPartException as exc:
-        return _error(422, f"malformed multipart body: {exc}")
+        return error_response(422, f"malformed multipart body: {exc}")
     except Exception as exc:  # a broken stream or boundary the parser chokes on
-        return _error(422, f"malformed multipart body: {type(exc).__name__}")
-    try:
-        upload = form.get(FIELD)
-        if not isinstance(upload, UploadFile):
-            return _error(422, f"multipart field {FIELD!r} with the image file is missing")
-        data = await upload.read()
-    finally:
-        await form.close()
-    if not data:
-        return _error(422, f"the uploaded {FIELD!r} file is empty")
-
-    engine = node.engine
-    if engine is None:
-        return _error(503, "the model is not loaded yet; see /healthz")
-    patient_id, study_uid = _dicom_identity(data)
-    try:
-        result, kind = await run_in_threadpool(_score, engine, data)
-    except _BadInput as exc:
-        await run_in_threadpool(events.predict_import, node.audit, actor(request), kind=_kind(data),
-                                patient_id=patient_id, study_uid=study_uid, outcome=MINOR_FAILURE,
-                                why=f"refused with HTTP {exc.status}")
-        return _error(exc.status, exc.reason)
-    await run_in_threadpool(events.predict_import, node.audit, actor(request), kind=kind, patient_id=patient_id,
-                            study_uid=study_uid, outcome=SUCCESS)
-    return JSONResponse(_response(result, kind, (time.perf_counter() - started) * 1000))
+        return error_response(422, f"malformed multipart body: {type(exc).__name__}")
 
 
-def _kind(data: bytes) -> str:
+def kind_of(data: bytes) -> str:
     from inference import sniff_format
 
     return sniff_format(data[:256]) or "unknown"
 
 
-def _dicom_identity(data: bytes) -> tuple[str, str]:
+def dicom_identity(data: bytes) -> tuple[str, str]:
     """PatientID and StudyInstanceUID of an uploaded DICOM, for the audit trail ("", "" otherwise)."""
     import io
 
     from pydicom import dcmread
 
-    if _kind(data) != "dicom":
+    if kind_of(data) != "dicom":
         return "", ""
     try:
         header = dcmread(io.BytesIO(data), stop_before_pixels=True,
@@ -138,27 +147,27 @@ def _dicom_identity(data: bytes) -> tuple[str, str]:
         return "", ""
 
 
-def _score(engine, data: bytes):
+def score_bytes(engine, data: bytes):
     from inference import DecodeError, decode_image, sniff_format
 
     kind = sniff_format(data[:256])
     if kind is None:
-        raise _BadInput(415, "unsupported file type: expected a DICOM, PNG or JPEG image")
+        raise BadInput(415, "unsupported file type: expected a DICOM, PNG or JPEG image")
     try:
         image = decode_image(data)
     except DecodeError as exc:
-        raise _BadInput(422, f"cannot decode the {kind.upper()} image: {exc}") from None
+        raise BadInput(422, f"cannot decode the {kind.upper()} image: {exc}") from None
     except Exception as exc:  # hostile input may trip a library in ways it does not document
         # The class only: a library's message may quote header values (names, dates) of the upload.
-        raise _BadInput(422, f"cannot decode the {kind.upper()} image: {type(exc).__name__}") from None
+        raise BadInput(422, f"cannot decode the {kind.upper()} image: {type(exc).__name__}") from None
     try:
         (result,) = engine.predict([image])
     except (ValueError, DecodeError) as exc:  # e.g. a degenerate geometry the preprocessing refuses
-        raise _BadInput(422, f"cannot score this image: {exc}") from None
+        raise BadInput(422, f"cannot score this image: {exc}") from None
     return result, kind
 
 
-def _response(result, kind: str, elapsed_ms: float) -> dict:
+def response_body(result, kind: str, elapsed_ms: float) -> dict:
     from inference.severity import normalise_at_operating_point
     from node.outputs.uids import device_uid
 

@@ -43,6 +43,8 @@ def shadow_json(request: Request, model: str | None = MODEL_REF) -> dict:
 @router.get("/shadow.csv")
 def shadow_csv(request: Request, model: str | None = MODEL_REF) -> Response:
     view = _view(request, model)
-    name = re.sub(r"[^A-Za-z0-9._+-]", "_", view["shadow_model"] or "none")  # a header value: ASCII only
+    # The name comes from the query: only registry-safe characters go into the header
+    # (anything else, e.g. a character outside Latin-1, cannot be sent and was a 500).
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", view["shadow_model"] or "none")[:140]
     return Response(shadow.to_csv(view), media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="shadow-{name}.csv"'})

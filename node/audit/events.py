@@ -8,8 +8,11 @@ DICOM audit message (node/audit/messages.py) and appending it to the trail.
 | refused token or session                | 110114 User Authentication (outcome 4)     | E      |
 | a role without the permission, bad CSRF | 110113 Security Alert / 110132             | E      |
 | study view, FHIR read, job detail       | 110110 Patient Record                      | R      |
+| reading app: image, heatmap fetch       | 110110 Patient Record                      | R      |
+| feedback on a finding (new, changed)    | 110110 Patient Record                      | C, U   |
+| downloads (SR, SC, SEG, GSPS, FHIR), feedback CSV | 110106 Export                    | R      |
 | study list, FHIR search                 | 110112 Query (+ the patients returned)     | E      |
-| predict upload                          | 110107 Import                              | C      |
+| predict upload, reading-app upload      | 110107 Import (one per image)              | C      |
 | DICOM association in (per association)  | 110104 DICOM Instances Transferred         | C      |
 | STOW-RS request in (per request)        | 110104 DICOM Instances Transferred         | C      |
 | DICOM association refused               | 110113 Security Alert / 110126 Node Authentication | E |
@@ -117,6 +120,16 @@ def record_read(trail: AuditTrail, actor: Actor, what: str, pairs: Iterable[tupl
     return trail.append(m.AuditMessage(
         m.PATIENT_RECORD, "R", m.SUCCESS, (actor.participant(), _node(trail)),
         (target,) + _patients_and_studies(pairs),
+    ))
+
+
+def record_changed(trail: AuditTrail, actor: Actor, what: str, pairs: Iterable[tuple[str, str]], *,
+                   created: bool) -> int:
+    """Someone wrote to a patient's record: a radiologist's feedback on an AI finding."""
+    target = m.ParticipantObject(what, m.URI, 2, 4, 1 if created else 5)
+    return trail.append(m.AuditMessage(
+        m.PATIENT_RECORD, "C" if created else "U", m.SUCCESS, (actor.participant(), _node(trail)),
+        (target,) + _patients_and_studies(pairs, life_cycle=1 if created else 5),
     ))
 
 

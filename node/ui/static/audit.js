@@ -15,7 +15,7 @@ async function showRecords() {
     const tr = document.createElement("tr");
     tr.className = "audit-record";
     tr.append(text("td", r.seq), text("td", r.time_utc), text("td", r.event), text("td", r.event_type),
-              text("td", r.outcome, r.outcome === "success" ? "" : "pos"), text("td", r.user), text("td", r.role),
+              text("td", r.outcome, r.outcome === "success" ? "" : "bad"), text("td", r.user), text("td", r.role),
               text("td", r.address), text("td", r.patients), text("td", r.description));
     tbody.append(tr);
   }
@@ -35,4 +35,4 @@ $("#export").addEventListener("click", (event) => {
   window.location.assign("/api/v1/audit/export.csv?" + params.toString());
 });
 
-startSession().then(() => showRecords()).catch(console.error);
+showRecords().catch(console.error);

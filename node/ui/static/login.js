@@ -2,6 +2,12 @@
 const form = document.querySelector("#login-form");
 const error = document.querySelector("#login-error");
 
+function nextPage() {
+  // Only a path on this site: never an absolute or protocol-relative URL.
+  const next = new URLSearchParams(window.location.search).get("next") || "/";
+  return next.startsWith("/") && !next.startsWith("//") && !next.startsWith("/\\") ? next : "/";
+}
+
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   error.hidden = true;
@@ -14,7 +20,7 @@ form.addEventListener("submit", async (event) => {
     }),
   });
   if (rsp.ok) {
-    window.location.assign("/");
+    window.location.assign(nextPage());
     return;
   }
   error.textContent = rsp.status === 429
