@@ -280,16 +280,21 @@ class RetryPolicy(_Strict):
     give_up_after_seconds: float = Field(default=72 * 3600.0, gt=0)
 
 
-class DicomDestination(_Strict):
+class _Destination(_Strict):
+    """What every destination has: a name (the jobs' `destination`) and,
+    optionally, its own retry policy instead of the top-level `delivery`."""
+
     name: str
+    retry: RetryPolicy | None = None
+
+
+class DicomDestination(_Destination):
     type: Literal["dicom"]
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
     tls: DestinationTls | None = None
-    # Overrides the top-level `delivery` retry policy for this destination.
-    retry: RetryPolicy | None = None
 
     _check_ae = field_validator("ae_title")(classmethod(lambda cls, v: _ae_title(v)))
 
@@ -313,10 +318,9 @@ class BasicAuth(_Strict):
     _check_env = field_validator("password_env")(classmethod(lambda cls, v: _env_name(v)))
 
 
-class FhirDestination(_Strict):
+class FhirDestination(_Destination):
     """A FHIR R4 server that receives each report as a transaction Bundle."""
 
-    name: str
     type: Literal["fhir"]
     base_url: str
     auth: Annotated[Union[BearerAuth, BasicAuth], Field(discriminator="type")] | None = None
@@ -327,8 +331,6 @@ class FhirDestination(_Strict):
     # identifier. Off by default: most EHRs own their patients and only need
     # the logical reference (subject.identifier) Carina always sends.
     send_patient: bool = False
-    # Overrides the top-level `delivery` retry policy for this destination.
-    retry: RetryPolicy | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -338,10 +340,9 @@ class FhirDestination(_Strict):
         return value.rstrip("/")
 
 
-class Hl7Destination(_Strict):
+class Hl7Destination(_Destination):
     """An HL7 v2.5.1 receiver (RIS/EHR interface engine) reached over MLLP."""
 
-    name: str
     type: Literal["hl7"]
     host: str
     port: int = Field(ge=1, le=65535)
@@ -355,15 +356,12 @@ class Hl7Destination(_Strict):
     # CX-4 assigning authority of PID-3 as an HD ("NS&UID&ISO"); empty derives
     # it from api.patient_identifier_system when that is urn:oid:...
     patient_id_authority: str = ""
-    # Overrides the top-level `delivery` retry policy for this destination.
-    retry: RetryPolicy | None = None
 
 
-class DicomWebDestination(_Strict):
+class DicomWebDestination(_Destination):
     """A PACS or archive that takes STOW-RS: every DICOM output of each version,
     POSTed to `<base_url>/studies/<StudyInstanceUID>` (node/destinations/dicomweb.py)."""
 
-    name: str
     type: Literal["dicomweb"]
     base_url: str  # the DICOMweb root, e.g. https://pacs.example.org/dicom-web
     auth: Annotated[Union[BearerAuth, BasicAuth], Field(discriminator="type")] | None = None

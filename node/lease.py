@@ -35,6 +35,8 @@ class Heartbeat:
         self.interval = lease_seconds / 3
         self._lost = threading.Event()
         self._done = threading.Event()
+        # Held while a renewal runs, so `stop()` returns only when none is in flight.
+        self._renewing = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job.id}", daemon=True)
         # Monotonic time until which the last successful renewal holds the lease.
         self._valid_until = time.monotonic() + lease_seconds
@@ -60,23 +62,39 @@ class Heartbeat:
             log.warning("job %d (%s): lease lost: %s; the stage stops", self.job.id, self.job.stage, why)
         self._lost.set()
 
+    def stop(self) -> None:
+        """No more renewals: the stage is about to settle. Without this a
+        renewal racing the settle's commit would find the job done, "no longer
+        ours", and log a lease loss that never happened."""
+        with self._renewing:
+            self._done.set()
+
     def check(self) -> None:
         if self.lost:
             raise LeaseLost(f"job {self.job.id} ({self.job.stage}) lost its lease; it stops before acting")
 
     def _beat(self) -> None:
         while not self._done.wait(self.interval):
-            started = time.monotonic()
-            try:
-                if not renew(self.db, self.job, self.lease_seconds):
-                    self.lose("the job is no longer ours")
+            with self._renewing:
+                if self._done.is_set():
                     return
-                self._valid_until = started + self.lease_seconds
-            except Exception as exc:  # database briefly unreachable: retry until the lease runs out
-                log.warning("job %d: lease renewal failed (%s)", self.job.id, type(exc).__name__)
-            if self.lost:
-                self.lose("renewals failed until the lease expired")
-                return
+                if not self._renew_once():
+                    return
+
+    def _renew_once(self) -> bool:
+        """One renewal; False when the lease is lost and the heartbeat ends."""
+        started = time.monotonic()
+        try:
+            if not renew(self.db, self.job, self.lease_seconds):
+                self.lose("the job is no longer ours")
+                return False
+            self._valid_until = started + self.lease_seconds
+        except Exception as exc:  # database briefly unreachable: retry until the lease runs out
+            log.warning("job %d: lease renewal failed (%s)", self.job.id, type(exc).__name__)
+        if self.lost:
+            self.lose("renewals failed until the lease expired")
+            return False
+        return True
 
 
 def check_lease() -> None:
@@ -84,6 +102,13 @@ def check_lease() -> None:
     beat = _current.get()
     if beat is not None:
         beat.check()
+
+
+def stop_renewing() -> None:
+    """The running stage is about to settle (no-op outside a stage)."""
+    beat = _current.get()
+    if beat is not None:
+        beat.stop()
 
 
 def lease_lost() -> bool:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from node.context import NodeContext
 from node.db import Job, Study
 from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, release, settle_in, succeed
-from node.lease import Heartbeat
+from node.lease import Heartbeat, stop_renewing
 from node.logs import bind_context, log_context
 from node.pipeline import conclude, deliver, encode, infer
 from node.states import JobState, Stage, StudyState
@@ -56,6 +56,7 @@ def run_stage(ctx: NodeContext, job: Job) -> None:
         log.info("%s job %d superseded by a newer study version", job.stage, job.id)
         return
     outcome = stage.run(ctx, work)
+    stop_renewing()  # settle_in checks the lease itself; a renewal racing its commit would cry wolf
     with ctx.db.session() as s:
         settle_in(s, job)  # the outcome and "job done" commit together or not at all
         study = current_study(s, job)

@@ -17,7 +17,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
     DigitalXRayImageStorageForPresentation,
+    EncapsulatedPDFStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
     Verification,
 )
 
@@ -114,7 +117,9 @@ class SlowPacs:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0
         ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 120
-        for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage, Verification):
+        # Every kind Carina writes (outputs.kinds): a PACS that refused one would dead-letter the delivery.
+        for sop_class in (Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage,
+                          GrayscaleSoftcopyPresentationStateStorage, EncapsulatedPDFStorage, Verification):
             ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         handlers = [
             (evt.EVT_ACCEPTED, self._opened),
