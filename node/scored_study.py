@@ -128,12 +128,18 @@ class ScoredStudy:
 
     def output_uid_qualifiers(self, sop_instance_uid: str | None = None) -> tuple[str, ...]:
         """Extra parts of the output UIDs (node/outputs/uids.py): the restore salt,
-        and for one source image's outputs its revision when it is not the first."""
+        and for one source image's outputs its revision when it is not the first
+        and the study version when it is not the first. A later version re-issues
+        an unchanged image's SC, SEG and GSPS with its own issue time and
+        instance numbers, so they are new objects under new UIDs (the SR and the
+        PDF carry the version in their UIDs already)."""
         parts = (f"salt:{self.uid_salt}",) if self.uid_salt else ()
         if sop_instance_uid is not None:
             image = next(i for i in self.images if i.sop_instance_uid == sop_instance_uid)
             if image.revision > 1:
                 parts += (f"revision:{image.revision}",)
+            if self.version > 1:
+                parts += (f"version:{self.version}",)
         return parts
 
     # -- the codec ----------------------------------------------------------------------

@@ -193,6 +193,15 @@ def test_a_fixed_study_gives_the_recorded_outputs_in_both_versions(node):
     _run_version(node, study_id, 2)
     _check_version(node, study_id, 2)
 
+    # One UID never names two contents: version 2 re-issues the first image's
+    # objects (its own issue time and instance numbers) under new UIDs.
+    contents: dict[str, set[str]] = {}
+    with node.db.session() as s:
+        for o in s.scalars(select(Output).where(Output.study_id == study_id)):
+            contents.setdefault(o.sop_instance_uid, set()).add(hashlib.sha256(open(o.path, "rb").read()).hexdigest())
+    assert len(contents) == sum(1 + len(MANIFEST[f"v{n}"]["objects"]) for n in (1, 2))
+    assert all(len(digests) == 1 for digests in contents.values())
+
 
 def test_encode_decodes_no_pixels_when_infer_kept_the_display(node, monkeypatch):
     """Each source is decoded once per study version: by infer, never by encode."""

@@ -90,10 +90,14 @@ def test_late_instance_makes_version_2_with_predecessor_and_amended_report(rig):
     # The file exactly as the PACS returned it (dcmread keeps its path), not a re-save.
     assert dciodvfy_errors(Path(sr_v2.filename)) == []
 
-    # SCs, SEG and GSPS: one set per image (the first image's set re-sent with the
-    # same UIDs, so still one copy); an SR per version.
-    assert carina_outputs_in_orthanc(pacs, study_uid) == expected_outputs(v2, versions=2)
+    # Every version is a whole set: v2 re-issues the first image's SCs, SEG and
+    # GSPS (with v2's issue time and instance numbers) under new UIDs, so no UID
+    # ever names two contents; the PACS keeps v1's set beside it, as it keeps the v1 SR.
     assert len(v1["images"]) == 1
+    both = {kind: expected_outputs(v1)[kind] + expected_outputs(v2)[kind] for kind in ("sc", "seg", "gsps")}
+    assert carina_outputs_in_orthanc(pacs, study_uid) == expected_outputs(v2, versions=2) | both
+    issued = {n: {o["sop_instance_uid"] for o in v2["outputs"] if o["version"] == n} for n in (1, 2)}
+    assert issued[1] and issued[2] and not issued[1] & issued[2]
 
     report = node.api(f"/fhir/DiagnosticReport/{rid}")
     assert report["id"] == rid
