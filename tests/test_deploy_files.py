@@ -41,7 +41,7 @@ import yaml
 from node.cli import build_parser
 from node.config import ConfigError, Settings, check_serve, load_settings
 from node.states import JobState, Stage
-from tests.peers import CarinaNode, free_port, http_json
+from peers import CarinaNode, free_port, http_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
