@@ -324,6 +324,7 @@ def test_scu_proposes_and_sends_what_the_statement_lists(tmp_path, recording_pac
             assert declared == "ISO_IR 192", row["Object"]
         else:  # "absent, or ISO_IR 192 when a value needs it": this study's values are all ASCII
             assert rule.startswith("absent") and declared is None, (row["Object"], declared)
+    annex_a_claims(recording_pacs.stored, source)
     # The counts the table gives: one SR, SEG, GSPS and PDF; a summary SC plus one per positive.
     counts = {}
     for ds, _ in recording_pacs.stored:
@@ -331,6 +332,46 @@ def test_scu_proposes_and_sends_what_the_statement_lists(tmp_path, recording_pac
     assert counts == {"1.2.840.10008.5.1.4.1.1.88.34": 1, "1.2.840.10008.5.1.4.1.1.7": 1 + len(FOUR_POSITIVES),
                       "1.2.840.10008.5.1.4.1.1.66.4": 1, "1.2.840.10008.5.1.4.1.1.11.1": 1,
                       "1.2.840.10008.5.1.4.1.1.104.1": 1}
+
+
+def annex_a_claims(stored, source) -> None:
+    """Annex A's statements about each created object, on the objects delivered."""
+    by_class = {}
+    for ds, _ in stored:
+        by_class.setdefault(str(ds.SOPClassUID), []).append(ds)
+    [sr] = by_class["1.2.840.10008.5.1.4.1.1.88.34"]
+    assert (sr.CompletionFlag, sr.PreliminaryFlag, sr.VerificationFlag) == ("COMPLETE", "PRELIMINARY", "UNVERIFIED")
+    title = sr.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("126000", "DCM")
+    [gsps] = by_class["1.2.840.10008.5.1.4.1.1.11.1"]
+    evidence = {str(ref.ReferencedSOPInstanceUID) for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == {str(source.SOPInstanceUID), str(gsps.SOPInstanceUID)}
+    for ds in stored_all(by_class):
+        assert ds.Manufacturer == "Carina"
+        purposes = [p.CodeValue for item in ds.ContributingEquipmentSequence
+                    for p in item.PurposeOfReferenceCodeSequence]
+        assert "Newcode1" in purposes, ds.SOPClassUID
+        assert str(ds.SOPInstanceUID).startswith("2.25.")
+    for sc in by_class["1.2.840.10008.5.1.4.1.1.7"]:
+        assert (sc.SamplesPerPixel, sc.PhotometricInterpretation, sc.PlanarConfiguration, sc.BitsAllocated) == \
+            (3, "RGB", 0, 8)
+        assert (sc.ConversionType, sc.BurnedInAnnotation, sc.ImageLaterality) == ("WSD", "YES", "U")
+        assert max(sc.Rows, sc.Columns) <= 2048
+    [seg] = by_class["1.2.840.10008.5.1.4.1.1.66.4"]
+    assert (seg.SegmentationType, seg.ContentLabel) == ("BINARY", "CARINA_AI")
+    assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"AUTOMATIC"}
+    assert gsps.ContentLabel == "CARINA_AI" and gsps.PresentationLUTShape in ("IDENTITY", "INVERSE")
+    assert len(gsps.GraphicLayerSequence) == len(seg.SegmentSequence)
+    [pdf] = by_class["1.2.840.10008.5.1.4.1.1.104.1"]
+    assert (pdf.MIMETypeOfEncapsulatedDocument, pdf.BurnedInAnnotation) == ("application/pdf", "YES")
+    concept = pdf.ConceptNameCodeSequence[0]
+    assert (concept.CodeValue, concept.CodingSchemeDesignator) == ("18748-4", "LN")
+    assert int(pdf.EncapsulatedDocumentLength) <= len(pdf.EncapsulatedDocument)
+
+
+def stored_all(by_class):
+    return [ds for group in by_class.values() for ds in group]
 
 
 def test_scu_verification_proposes_what_the_statement_lists(recording_pacs):
