@@ -176,6 +176,22 @@ def test_scp_transfer_syntaxes_of_other_storage_classes(node):
         assert accepted_syntaxes(node.dicom_port, sop_class) == listed("Other storage SOP classes"), sop_class
 
 
+def test_scp_picks_in_its_tables_order_among_proposed_syntaxes(node):
+    """One context proposing several syntaxes gets the first of them in Table 4.2-4's order."""
+    order = [r["Transfer Syntax UID"] for r in scp_syntaxes()]
+    jpeg_lossless, jpeg_ls, explicit = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1"
+    for sop_class, proposal in (("1.2.840.10008.5.1.4.1.1.1", [jpeg_lossless, jpeg_ls, explicit]),
+                                ("1.2.840.10008.5.1.4.1.1.2", [jpeg_ls, jpeg_lossless])):
+        ae = AE(ae_title=CALLING)
+        ae.add_requested_context(sop_class, proposal)
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="CARINA")
+        try:
+            [context] = assoc.accepted_contexts
+            assert context.transfer_syntax[0] == min(proposal, key=order.index), (sop_class, proposal)
+        finally:
+            assoc.release()
+
+
 def test_scp_transfer_syntaxes_of_verification(node):
     assert accepted_syntaxes(node.dicom_port, VERIFICATION) == listed("Verification")
 
