@@ -1,7 +1,8 @@
 """Operations endpoints: probes, metrics and the administrator's JSON.
 
 - `GET /readyz` (no token): 200 `ready` when the database answers, storage is
-  writable and above its floor, a model is loaded, the SCP listens and no
+  writable and above its floor, a model is loaded and the SCP listens (for
+  the roles that have them: node/service.py ROLE_PARTS) and no
   dead-letter job is older than `health.dead_letter_max_age_seconds`; else
   503 with `unready` (a part is down), `degraded` (dead letters) or
   `draining` (graceful shutdown under way), and which check failed.
@@ -51,8 +52,11 @@ def readiness(node: NodeContext) -> tuple[str, dict]:
         checks["storage"] = writable and (not floor or free_mb(node.data_dir) >= floor)
     except OSError:
         checks["storage"] = False
-    checks["model"] = bool(node.ready.get("model")) and node.engine is not None
-    checks["scp"] = node.scp is not None and node.scp.listening
+    # A role without a part does not wait for it (node/service.py ROLE_PARTS): a worker has no SCP.
+    if "model" in node.ready:
+        checks["model"] = bool(node.ready.get("model")) and node.engine is not None
+    if "scp" in node.ready:
+        checks["scp"] = node.scp is not None and node.scp.listening
     body: dict = {"checks": checks, "warnings": list(getattr(node, "warnings", []) or [])}
     dead_ok = True
     if checks["database"]:
