@@ -106,7 +106,8 @@ def load_engine(ctx: NodeContext) -> None:
         ctx.engine = batcher
         info = batcher.model_info
         log.info("model ready: %s %s%s", info.name, info.version, f" — {info.caveat}" if info.demo else "")
-        ctx.ready["model"] = True
+        if "model" in ctx.ready:  # the api role loads it too, but is ready without it
+            ctx.ready["model"] = True
 
     manager.on_ready = ready
     try:

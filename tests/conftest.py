@@ -59,13 +59,13 @@ def _sqlite_database(path):
     return db
 
 
-def _postgres_database(url):
-    """A fresh schema in the `test` database, dropped afterwards."""
+def postgres_schema(url):
+    """A fresh, empty schema in the `test` database: (a URL whose search_path is that
+    schema, a function that drops it). Each test gets its own, so tests never see
+    each other's rows and nothing is left behind."""
     import uuid
 
     from sqlalchemy import create_engine, text
-
-    from node.db import Database
 
     schema = f"carina_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(url)
@@ -73,15 +73,28 @@ def _postgres_database(url):
         with admin.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     except Exception as exc:  # a missing server is a failure, never a skip
+        admin.dispose()
         pytest.fail(f"PostgreSQL at {url} is required for the scale-out tests: {exc}")
-    db = Database(f"{url}?options=-csearch_path%3D{schema}")
+
+    def drop():
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    return f"{url}?options=-csearch_path%3D{schema}", drop
+
+
+def _postgres_database(url):
+    """A Database on a fresh schema in the `test` database, dropped afterwards."""
+    from node.db import Database
+
+    schema_url, drop_schema = postgres_schema(url)
+    db = Database(schema_url)
     db.create_schema()
 
     def drop():
         db.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        drop_schema()
 
     return db, drop
 
@@ -103,4 +116,15 @@ def any_db(request, tmp_path):
     else:
         db, drop = _postgres_database(request.getfixturevalue("postgres_url"))
         yield db
+        drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request, tmp_path):
+    """A database URL with nothing in it yet, on each back-end (for the schema migration tests)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'carina.db'}"
+    else:
+        url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
+        yield url
         drop()
