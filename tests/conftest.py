@@ -128,3 +128,54 @@ def empty_database_url(request, tmp_path):
         url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
         yield url
         drop()
+
+
+# --- the same tests on both back-ends ---------------------------------------------------------
+# Modules that list `pytestmark = pytest.mark.usefixtures("both_backends")` run every test twice:
+# on SQLite (the embedded default) and on PostgreSQL. For PostgreSQL, CARINA_DATABASE__URL (the
+# configuration's database.url, from the environment as a container sets it) points every
+# Settings of the test process and every `carina` subprocess (tests/peers.py CarinaNode) at a
+# fresh schema, dropped after the test. README.md "Tests" lists the modules.
+
+DATABASE_URL_ENV = "CARINA_DATABASE__URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_backends(request):
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "sqlite":
+            mp.delenv(DATABASE_URL_ENV, raising=False)
+            yield "sqlite"
+            return
+        url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
+        _migrate(url)  # what the operator does first (`carina db upgrade`): a node refuses an unmigrated PostgreSQL
+        mp.setenv(DATABASE_URL_ENV, url)
+        try:
+            yield "postgresql"
+        finally:
+            drop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_backend(request):
+    """The same for a module whose tests share one node (a module-scoped fixture): the
+    PostgreSQL URL of a schema made for the module, or None for SQLite."""
+    if request.param == "sqlite":
+        yield None
+        return
+    url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
+    _migrate(url)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+def _migrate(url: str) -> None:
+    from node.db import Database
+
+    db = Database(url)
+    try:
+        db.create_schema()
+    finally:
+        db.dispose()

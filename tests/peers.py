@@ -484,8 +484,21 @@ def expected_outputs(view: dict, versions: int = 1) -> dict[str, int]:
 
 
 def carina_db_rows(node: "CarinaNode", sql: str, params: tuple = ()) -> list[tuple]:
-    """Read-only query of a CarinaNode's SQLite database (safe while it runs: WAL)."""
+    """Read-only query of a CarinaNode's database: its SQLite file (safe while it runs: WAL),
+    or the PostgreSQL database its environment names (conftest.py `both_backends`).
+    `sql` uses SQLite's `?` placeholders; they become psycopg's on PostgreSQL."""
     import sqlite3
+
+    url = node.env.get("CARINA_DATABASE__URL")
+    if url:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.exec_driver_sql(sql.replace("?", "%s"), params).fetchall()]
+        finally:
+            engine.dispose()
 
     db = node.workdir / "var" / "carina.db"
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
