@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# `carina db upgrade` first: it creates the schema on a fresh machine and migrates an
+# existing database (one made before migrations included) to this version's.
 run: $(STAMP)
+	$(BIN)/carina db upgrade --config $(CONFIG)
 	$(BIN)/carina serve --config $(CONFIG)
 
 # The real peers (Orthanc, dcmtk, dicom3tools, Chromium, PostgreSQL unless one answers on 127.0.0.1:5432)

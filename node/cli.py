@@ -18,24 +18,75 @@ def _settings(args):
 
 
 def _db(settings):
+    """The database, migrated to this Carina's schema (as `carina db upgrade` does)."""
     from node.db import Database
+    from node.schema import SchemaError
 
     db = Database(settings.database_url)
-    db.create_schema()
+    try:
+        db.create_schema()
+    except SchemaError as exc:
+        print(f"carina: database: {exc}", file=sys.stderr)
+        raise SystemExit(2)
     return db
 
 
 def cmd_serve(args) -> int:
     settings = _settings(args)  # a bad key stops us before torch is even imported
     try:
-        check_serve(settings)
+        check_serve(settings, args.role)
         from node.service import serve
 
-        serve(settings)  # also ConfigError: a TLS certificate or key that does not load
+        # Also ConfigError: a TLS certificate or key that does not load, a schema that is not ours.
+        serve(settings, args.role)
     except ConfigError as exc:
         print(f"carina: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+# --- carina db: the schema ---------------------------------------------------------------------
+
+
+def cmd_db_upgrade(args) -> int:
+    """Migrate the configured database to this Carina's schema (node/schema.py); run once per
+    release before the nodes of that release start. Safe to run concurrently and to repeat."""
+    from node.db import Database
+    from node.fhir_store import reindex_missing
+    from node.schema import SchemaError, upgrade
+
+    settings = _settings(args)
+    db = Database(settings.database_url)
+    try:
+        before, after = upgrade(db)
+        with db.session() as session:  # FHIR resources stored before the search index existed
+            reindex_missing(session)
+    except SchemaError as exc:
+        print(f"carina: database: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.dispose()
+    if before.state == "current":
+        print(f"database schema already current (revision {after.current})")
+    elif before.state == "legacy":
+        print(f"database made before migrations: stamped at the baseline and upgraded to revision {after.current}")
+    else:
+        print(f"database schema upgraded from {before.current or 'nothing'} to revision {after.current}")
+    return 0
+
+
+def cmd_db_status(args) -> int:
+    """Exit 0 when the schema is current, 1 otherwise (so a deployment can wait on it)."""
+    from node.db import Database
+    from node.schema import status
+
+    db = Database(_settings(args).database_url)
+    try:
+        found = status(db)
+    finally:
+        db.dispose()
+    print(found.describe())
+    return 0 if found.state == "current" else 1
 
 
 def _trail(settings, db):
@@ -440,8 +491,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carina", description="Carina chest X-ray AI node", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from node.roles import ROLES
+
     serve = sub.add_parser("serve", parents=[common], help="run the node (DICOM SCP, pipeline, HTTP API)")
+    serve.add_argument("--role", default="all", choices=ROLES,
+                       help="receiver: DICOM SCP, intake and study completion; worker: infer/encode/deliver jobs "
+                            "with the model; api: HTTP, UI, FHIR, DICOMweb; all: everything in one process "
+                            "(default). Every role serves /healthz, /readyz and /metrics on api.port")
     serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="the database schema").add_subparsers(dest="action", required=True)
+    du = db.add_parser("upgrade", parents=[common],
+                       help="create or migrate the schema to this version's (stamps a database made before "
+                            "migrations); run before starting the nodes of a new release")
+    du.set_defaults(func=cmd_db_upgrade)
+    dstat = db.add_parser("status", parents=[common], help="the schema's revision; exit 1 unless current")
+    dstat.set_defaults(func=cmd_db_status)
 
     from node.api.policy import USER_ROLES, Role
 

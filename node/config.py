@@ -657,8 +657,8 @@ class ConfigError(Exception):
     """Start-up must stop; the message names the bad key."""
 
 
-def check_serve(settings: Settings) -> None:
-    """What `carina serve` needs beyond a valid file (other subcommands do not)."""
+def check_serve(settings: Settings, role: str = "all") -> None:
+    """What `carina serve --role ROLE` needs beyond a valid file (other subcommands do not)."""
     if settings.outputs.renders_pdf:
         fonts = settings.outputs.report_pdf.font_dir
         missing = [name for name in ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf") if not (fonts / name).is_file()]
@@ -669,7 +669,7 @@ def check_serve(settings: Settings) -> None:
                 "(drop pdf from outputs.kinds and set outputs.report_pdf.fhir and .download to false)"
             )
     dicom = settings.dicom
-    if not dicom.peers and not dicom.accept_any_peer:
+    if role in ("all", "receiver") and not dicom.peers and not dicom.accept_any_peer:
         raise ConfigError(
             "dicom.peers is empty: list the senders allowed to push, e.g.\n"
             "  dicom:\n    peers:\n      - {ae_title: MODALITY, host: 10.1.2.3}\n"

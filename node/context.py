@@ -30,8 +30,11 @@ def trail_for(settings: Settings, db: Database) -> AuditTrail:
 class NodeContext:
     settings: Settings
     db: Database
-    # Filled in as each part comes up; /healthz is 200 only when all are True.
+    # Filled in as each part comes up; /healthz says "ok" only when all are True.
+    # Only the parts of the process's role are keys (node/service.py ROLE_PARTS).
     ready: dict[str, bool] = field(default_factory=lambda: {"db": False, "scp": False, "model": False})
+    # `carina serve --role`: all, receiver, worker or api (node/service.py).
+    role: str = "all"
     # Running, but not as a hospital should run it (e.g. accepting any DICOM
     # peer): each a sentence for the operator; readiness reports them.
     warnings: list[str] = field(default_factory=list)

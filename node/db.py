@@ -26,7 +26,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker, Session
 
 from node.states import InstanceState, JobState, Priority, StudyState
@@ -301,8 +301,8 @@ class FhirSearchIndex(Base):
 
 
 class StudyTriage(Base):
-    """A study's AI triage priority. A separate table (not a Study column) so
-    existing databases gain it through create_all without a migration. The
+    """A study's AI triage priority (a separate table, not a Study column, since
+    before migrations a new table was the only change old databases took). The
     priority only ever moves up (node/triage.py)."""
 
     __tablename__ = "study_triage"
@@ -537,15 +537,18 @@ def _tune_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Add columns that the models have and an older database lacks.
+def add_missing_columns(connection: Connection, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Add columns that the models have and a pre-Alembic database lacks.
 
-    create_all makes missing tables but never alters existing ones; a node
-    upgraded in place must still start. Only nullable columns or ones with a
-    server default are added (anything else needs a real migration), and a
-    concurrent node adding the same column first is fine."""
+    Before migrations existed, start-up ran create_all (which makes missing
+    tables but never alters existing ones) and then this. node/schema.py now
+    runs it once, when it stamps such a legacy database at the baseline, on
+    the migration's connection and under its lock. Only nullable columns or
+    ones with a server default are added; every later change is a revision
+    in node/migrations/versions/, and the columns later revisions add
+    ("table.column") are passed in `exclude` and left to them."""
     added = []
-    inspector = inspect(engine)
+    inspector = inspect(connection)
     for table in Base.metadata.sorted_tables:
         if not inspector.has_table(table.name):
             continue
@@ -553,17 +556,14 @@ def add_missing_columns(engine: Engine) -> list[str]:
         for column in table.columns:
             if column.name in present or not (column.nullable or column.server_default is not None):
                 continue
-            ddl = f'ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}'
+            if f"{table.name}.{column.name}" in exclude:
+                continue
+            ddl = f'ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(connection.dialect)}'
             if column.server_default is not None:
                 ddl += f" DEFAULT {_literal(column.server_default.arg)}"
                 ddl += "" if column.nullable else " NOT NULL"
-            try:
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(ddl)
-                added.append(f"{table.name}.{column.name}")
-            except Exception:
-                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
-                    raise
+            connection.exec_driver_sql(ddl)
+            added.append(f"{table.name}.{column.name}")
     return added
 
 
@@ -588,8 +588,12 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
+        """Migrate to this Carina's newest schema revision (node/schema.py), whatever the
+        database's state: empty, made before migrations, or behind. Raises
+        node.schema.SchemaError for a schema a newer Carina made."""
+        from node.schema import upgrade
+
+        upgrade(self)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

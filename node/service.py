@@ -1,5 +1,31 @@
-"""`carina serve`: bring up the database, SCP, scheduler, model, workers and
-HTTP API in one process, and take them down cleanly.
+"""`carina serve --role ROLE`: bring up the parts of a node in one process, and take them down cleanly.
+
+Roles (`ROLE_PARTS`), so that a site can run several receivers behind a load
+balancer, workers on GPU hosts and the API apart, all on one PostgreSQL
+database and one shared storage directory (`storage.data_dir`, an NFS or CSI
+volume); `all` (the default) is the single-process node:
+
+- `receiver`: the DICOM SCP with its durable intake, the HL7 v2 listener,
+  and the node-wide schedulers: study completion and the retention purge
+  (plus the start-up sweep and the syslog audit forwarder). Several
+  receivers may run: completion claims quiet studies with FOR UPDATE SKIP
+  LOCKED and the purge re-checks each study under its row lock, so each
+  study is completed and purged once whichever replica gets it.
+- `worker`: the infer, encode and deliver jobs, with the warm model; jobs are
+  claimed under leases (node/jobs.py), so any number of workers share the
+  queue and a dead one's job is taken over when its lease expires.
+- `api`: HTTP: the reading app, operator API, FHIR, DICOMweb (STOW-RS intake
+  included: it writes the same durable rows as the SCP, and a receiver's
+  completion scheduler picks those studies up). It also loads the model, for
+  the direct-scoring endpoints (/api/v1/predict, upload), but is ready
+  without it.
+- `all`: every part above.
+
+Every role serves /healthz, /readyz and /metrics on `api.port`; only `api`
+and `all` serve the rest of the HTTP API. Every role refuses to start on a
+database whose schema is not this Carina's revision (node/schema.py: run
+`carina db upgrade`), except a brand-new, empty SQLite database, which it
+creates (the embedded default needs no setup).
 
 Shutdown (SIGTERM from systemd, `docker stop` or Kubernetes; SIGINT from a
 terminal): uvicorn's own signal handling is replaced, because it re-raises
@@ -34,7 +60,7 @@ from dicom_scp.peers import Peer, PeerPolicy
 from dicom_scp.scp import StorageSCP
 from dicom_scp.tls import TlsListener, server_context
 from node import logs
-from node.api.app import create_app
+from node.api.app import create_app, create_probe_app
 from node.audit import events
 from node.audit.associations import association_auditor
 from node.completion import complete_quiet_studies
@@ -43,6 +69,7 @@ from node.context import NodeContext
 from node.db import Database
 from node.fhir_store import reindex_missing
 from node.receiver import Receiver, record_release
+from node.roles import ROLE_PARTS, ROLES, runs
 from node.worker import WorkerPool
 
 log = logging.getLogger("carina")
@@ -79,7 +106,8 @@ def load_engine(ctx: NodeContext) -> None:
         ctx.engine = batcher
         info = batcher.model_info
         log.info("model ready: %s %s%s", info.name, info.version, f" — {info.caveat}" if info.demo else "")
-        ctx.ready["model"] = True
+        if "model" in ctx.ready:  # the api role loads it too, but is ready without it
+            ctx.ready["model"] = True
 
     manager.on_ready = ready
     try:
@@ -130,10 +158,14 @@ def log_association(event: AssociationEvent) -> None:
 
 
 class Node:
-    """All parts of a running node; start() then stop()."""
+    """All parts of a running node (those of its role); start() then stop()."""
 
-    def __init__(self, settings: Settings):
-        self.ctx = NodeContext(settings=settings, db=Database(settings.database_url))
+    def __init__(self, settings: Settings, role: str = "all"):
+        if role not in ROLES:
+            raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+        self.role = role
+        self.ctx = NodeContext(settings=settings, db=Database(settings.database_url), role=role,
+                               ready={part: False for part in ROLE_PARTS[role]})
         self.scp: StorageSCP | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.workers: WorkerPool | None = None
@@ -154,28 +186,47 @@ class Node:
 
     def start(self) -> None:
         from node.retention import finish_queued
+        from node.schema import SchemaError, check
         from node.sweep import sweep
 
-        ctx, s = self.ctx, self.ctx.settings
-        check_serve(s)
-        policy, tls = peer_policy(ctx), tls_listener(s)
+        ctx, s, role = self.ctx, self.ctx.settings, self.role
+        check_serve(s, role)
+        policy = peer_policy(ctx) if runs(role, "scp") else None
+        tls = tls_listener(s) if runs(role, "scp") else None
         prepare_storage(ctx)
-        ctx.db.create_schema()
-        with ctx.db.session() as session:  # FHIR resources stored before the search index existed
-            reindex_missing(session)
-        finish_queued(ctx)  # files a crashed purge had unlinked from the database
-        sweep(ctx)  # before the SCP listens: orphans of a crash, stale temp files
+        try:
+            check(ctx.db)  # this Carina's schema revision, or a clear refusal naming `carina db upgrade`
+        except SchemaError as exc:
+            raise ConfigError(f"database: {exc}") from None
+        if runs(role, "fhir_reindex"):
+            with ctx.db.session() as session:  # FHIR resources stored before the search index existed
+                reindex_missing(session)
+        if runs(role, "sweep"):
+            finish_queued(ctx)  # files a crashed purge had unlinked from the database
+            sweep(ctx)  # before the SCP listens: orphans of a crash, stale temp files
         ctx.metrics.bind(ctx)
         ctx.ready["db"] = True
-        if s.audit.syslog.enabled:
+        if runs(role, "syslog") and s.audit.syslog.enabled:
             from node.audit.syslog import SyslogForwarder
 
             self.syslog = SyslogForwarder(ctx.audit, s.audit.syslog).start()
         events.application(ctx.audit, started=True)
-        if s.hl7_listener.enabled:
+        if runs(role, "hl7_listener") and s.hl7_listener.enabled:
             from node.mllp_listener import MllpListener
 
             self.hl7_listener = MllpListener(ctx.db, s.hl7_listener).start()
+        if runs(role, "scp"):
+            self._start_scp(policy, tls)
+        if runs(role, "schedulers"):
+            self._start_schedulers()
+        if runs(role, "workers"):
+            self.workers = WorkerPool(ctx, s.pipeline.workers)
+        if runs(role, "model"):
+            threading.Thread(target=self._model_then_workers, name="model-loader", daemon=True).start()
+        log.info("node started as role %s", role)
+
+    def _start_scp(self, policy: PeerPolicy, tls: TlsListener | None) -> None:
+        ctx, s = self.ctx, self.ctx.settings
         self.scp = StorageSCP(
             ae_title=s.dicom.ae_title,
             host=s.dicom.host,
@@ -194,6 +245,10 @@ class Node:
         ctx.scp = self.scp
         self.scp.start()
         ctx.ready["scp"] = True
+
+    def _start_schedulers(self) -> None:
+        """Study completion and the retention purge: safe on several replicas (module docstring)."""
+        ctx, s = self.ctx, self.ctx.settings
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
             complete_quiet_studies,
@@ -213,8 +268,6 @@ class Node:
                 id="retention-purge", next_run_time=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5),
             )
         self.scheduler.start()
-        self.workers = WorkerPool(ctx, s.pipeline.workers)
-        threading.Thread(target=self._model_then_workers, name="model-loader", daemon=True).start()
 
     def _purge(self, purge) -> None:
         try:
@@ -224,6 +277,8 @@ class Node:
 
     def _model_then_workers(self) -> None:
         load_engine(self.ctx)
+        if self.workers is None:
+            return  # the api role: the model only serves the direct-scoring endpoints
         # Workers start once a model is there (now, or after a later activation).
         while self.ctx.engine is None and not self._stopping.wait(0.5):
             pass
@@ -313,10 +368,11 @@ class _Server(uvicorn.Server):
         yield
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, role: str = "all") -> None:
     configure_logging(settings)
-    node = Node(settings)
-    server = _Server(http_config(create_app(node.ctx), settings))
+    node = Node(settings, role)
+    app = create_app(node.ctx) if runs(role, "http_api") else create_probe_app(node.ctx)
+    server = _Server(http_config(app, settings))
     signals: list[int] = []
 
     def graceful() -> None:

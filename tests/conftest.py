@@ -59,13 +59,13 @@ def _sqlite_database(path):
     return db
 
 
-def _postgres_database(url):
-    """A fresh schema in the `test` database, dropped afterwards."""
+def postgres_schema(url):
+    """A fresh, empty schema in the `test` database: (a URL whose search_path is that
+    schema, a function that drops it). Each test gets its own, so tests never see
+    each other's rows and nothing is left behind."""
     import uuid
 
     from sqlalchemy import create_engine, text
-
-    from node.db import Database
 
     schema = f"carina_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(url)
@@ -73,15 +73,28 @@ def _postgres_database(url):
         with admin.begin() as conn:
             conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     except Exception as exc:  # a missing server is a failure, never a skip
+        admin.dispose()
         pytest.fail(f"PostgreSQL at {url} is required for the scale-out tests: {exc}")
-    db = Database(f"{url}?options=-csearch_path%3D{schema}")
+
+    def drop():
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    return f"{url}?options=-csearch_path%3D{schema}", drop
+
+
+def _postgres_database(url):
+    """A Database on a fresh schema in the `test` database, dropped afterwards."""
+    from node.db import Database
+
+    schema_url, drop_schema = postgres_schema(url)
+    db = Database(schema_url)
     db.create_schema()
 
     def drop():
         db.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+        drop_schema()
 
     return db, drop
 
@@ -104,3 +117,65 @@ def any_db(request, tmp_path):
         db, drop = _postgres_database(request.getfixturevalue("postgres_url"))
         yield db
         drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request, tmp_path):
+    """A database URL with nothing in it yet, on each back-end (for the schema migration tests)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'carina.db'}"
+    else:
+        url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
+        yield url
+        drop()
+
+
+# --- the same tests on both back-ends ---------------------------------------------------------
+# Modules that list `pytestmark = pytest.mark.usefixtures("both_backends")` run every test twice:
+# on SQLite (the embedded default) and on PostgreSQL. For PostgreSQL, CARINA_DATABASE__URL (the
+# configuration's database.url, from the environment as a container sets it) points every
+# Settings of the test process and every `carina` subprocess (tests/peers.py CarinaNode) at a
+# fresh schema, dropped after the test. README.md "Tests" lists the modules.
+
+DATABASE_URL_ENV = "CARINA_DATABASE__URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_backends(request):
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "sqlite":
+            mp.delenv(DATABASE_URL_ENV, raising=False)
+            yield "sqlite"
+            return
+        url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
+        _migrate(url)  # what the operator does first (`carina db upgrade`): a node refuses an unmigrated PostgreSQL
+        mp.setenv(DATABASE_URL_ENV, url)
+        try:
+            yield "postgresql"
+        finally:
+            drop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_backend(request):
+    """The same for a module whose tests share one node (a module-scoped fixture): the
+    PostgreSQL URL of a schema made for the module, or None for SQLite."""
+    if request.param == "sqlite":
+        yield None
+        return
+    url, drop = postgres_schema(request.getfixturevalue("postgres_url"))
+    _migrate(url)
+    try:
+        yield url
+    finally:
+        drop()
+
+
+def _migrate(url: str) -> None:
+    from node.db import Database
+
+    db = Database(url)
+    try:
+        db.create_schema()
+    finally:
+        db.dispose()

@@ -246,11 +246,18 @@ def loopback_policy(*ae_titles: str):
 
 
 class CarinaNode:
-    """`carina serve` as a subprocess, exactly as an operator runs it."""
+    """`carina serve` as a subprocess, exactly as an operator runs it.
+
+    `role` is `carina serve --role` (node/service.py); `env` is added to the
+    environment of every `carina` it runs (e.g. CARINA_DATABASE__URL, as a
+    container is configured)."""
 
     def __init__(self, workdir: Path, *, destinations: list[dict] | None = None, stable_seconds: float = 1.0,
-                 extra: dict | None = None, peers: list[dict] | None = None):
+                 extra: dict | None = None, peers: list[dict] | None = None, role: str = "all",
+                 env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
+        self.role = role
+        self.env = dict(os.environ, **(env or {}))
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.config_path = self.workdir / "carina.yaml"
@@ -276,7 +283,8 @@ class CarinaNode:
 
     def carina(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "node.cli", *args, "--config", str(self.config_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.workdir, timeout=120, input=input)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.workdir, timeout=120, input=input,
+                              env=self.env)
         if check:
             assert proc.returncode == 0, f"carina {' '.join(args)} failed: {proc.stderr}"
         return proc
@@ -293,8 +301,8 @@ class CarinaNode:
     def start(self, wait_ready: bool = True) -> "CarinaNode":
         self.log = open(self.workdir / "carina.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            [sys.executable, "-m", "node.cli", "serve", "--role", self.role, "--config", str(self.config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env,
         )
         if wait_ready:
             wait_until(self._healthy, 120, what="carina /healthz")
@@ -476,8 +484,21 @@ def expected_outputs(view: dict, versions: int = 1) -> dict[str, int]:
 
 
 def carina_db_rows(node: "CarinaNode", sql: str, params: tuple = ()) -> list[tuple]:
-    """Read-only query of a CarinaNode's SQLite database (safe while it runs: WAL)."""
+    """Read-only query of a CarinaNode's database: its SQLite file (safe while it runs: WAL),
+    or the PostgreSQL database its environment names (conftest.py `both_backends`).
+    `sql` uses SQLite's `?` placeholders; they become psycopg's on PostgreSQL."""
     import sqlite3
+
+    url = node.env.get("CARINA_DATABASE__URL")
+    if url:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return [tuple(row) for row in conn.exec_driver_sql(sql.replace("?", "%s"), params).fetchall()]
+        finally:
+            engine.dispose()
 
     db = node.workdir / "var" / "carina.db"
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)

@@ -122,9 +122,11 @@ def seed(db: Database, data_dir: Path, patient_id: str = "PAT-RIG-1") -> Seeded:
                   encapsulated.SeriesInstanceUID, encapsulated.SOPInstanceUID)
 
 
-def start(tmp: Path, *, engine=None, settings: dict | None = None) -> tuple[Rig, uvicorn.Server, threading.Thread]:
+def start(tmp: Path, *, engine=None, settings: dict | None = None,
+          database_url: str | None = None) -> tuple[Rig, uvicorn.Server, threading.Thread]:
+    """`database_url`: a migrated PostgreSQL schema (tests/conftest.py module_backend); default SQLite in `tmp`."""
     config = {"storage": {"data_dir": str(tmp)}} | (settings or {})
-    db = Database(f"sqlite:///{tmp / 'carina.db'}")
+    db = Database(database_url or f"sqlite:///{tmp / 'carina.db'}")
     db.create_schema()
     ctx = NodeContext(Settings(**config), db)
     ctx.ready.update(db=True, scp=True, model=True)

@@ -12,6 +12,10 @@ from peers import (
     storescu,
     wait_until,
 )
+import pytest
+
+# On SQLite and on PostgreSQL (tests/conftest.py both_backends).
+pytestmark = pytest.mark.usefixtures("both_backends")
 
 
 def test_node_below_its_disk_floor_answers_out_of_resources_and_stays_up(tmp_path):

@@ -21,6 +21,9 @@ from peers import (
     wait_until,
 )
 
+# On SQLite and on PostgreSQL (tests/conftest.py both_backends).
+pytestmark = pytest.mark.usefixtures("both_backends")
+
 STUDIES = 4
 
 

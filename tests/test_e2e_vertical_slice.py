@@ -33,9 +33,11 @@ PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF: the printable r
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
+def loop(tmp_path_factory, module_backend):
+    """One node for the module, on SQLite and then on PostgreSQL (tests/conftest.py module_backend)."""
     work = tmp_path_factory.mktemp("e2e")
-    with node_with_pacs(work) as (node, pacs):
+    env = {"CARINA_DATABASE__URL": module_backend} if module_backend else None
+    with node_with_pacs(work, env=env) as (node, pacs):
         dx = make_dx(patient_id="E2E-DX-16", accession="E2E0001")
         dx_path = write(dx, work / "dx16.dcm")
         cr = dcmread(SIIM_MONO1)

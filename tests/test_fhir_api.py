@@ -68,10 +68,11 @@ def _report(resources):
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory):
+def node(tmp_path_factory, module_backend):
+    """The FHIR API over SQLite, then over PostgreSQL (tests/conftest.py module_backend)."""
     tmp = tmp_path_factory.mktemp("fhir-api")
     settings = Settings(storage={"data_dir": str(tmp)})
-    db = Database(f"sqlite:///{tmp / 'carina.db'}")
+    db = Database(module_backend or f"sqlite:///{tmp / 'carina.db'}")
     db.create_schema()
     token = create_token(db, "ehr", "integration")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicom_scp.scp import ReceivedInstance
@@ -14,6 +15,9 @@ from node.outputs import uids
 from node.receiver import record_instance
 from node.states import JobState, Stage, StudyState
 from pipeline_rig import DEMO, PipelineRig
+
+# On SQLite and on PostgreSQL (tests/conftest.py both_backends).
+pytestmark = pytest.mark.usefixtures("both_backends")
 
 
 @pytest.fixture
@@ -38,7 +42,7 @@ def test_a_late_instance_during_encode_is_not_buried_by_the_encode(rig):
     completion runs version 2 (before, encode set DONE and the late image
     was never scored)."""
     study_id, ds = rig.add_study({"Effusion": 0.8})
-    record_instance(rig.db, _late_instance(ds, f"{ds.SOPInstanceUID}.9"), rig.ctx.instances_dir / "late.dcm")
+    record_instance(rig.db, _late_instance(ds, generate_uid()), rig.ctx.instances_dir / "late.dcm")
     with rig.db.session() as s:
         assert s.get(Study, study_id).state == StudyState.RECEIVED
     rig.encode(study_id)  # version 1's encode finishes now

@@ -53,11 +53,13 @@ def engine(demo_model):
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory, engine):
+def rig(tmp_path_factory, engine, module_backend):
+    """The reading app's server over SQLite, then over PostgreSQL (tests/conftest.py module_backend)."""
     settings = {"security": {"login_rate": {"requests": 1000, "per_seconds": 60},
                              "predict_rate": {"requests": 1000, "per_seconds": 60}},
                 "ui": {"upload": {"max_members": 4}}}
-    rig, server, thread = security_rig.start(tmp_path_factory.mktemp("reading"), engine=engine, settings=settings)
+    rig, server, thread = security_rig.start(tmp_path_factory.mktemp("reading"), engine=engine, settings=settings,
+                                             database_url=module_backend)
     try:
         rig.studies = seed_studies(rig, engine)
         yield rig

@@ -14,6 +14,9 @@ from node.config import RoutingSettings
 from node.routing import age_in_years, exclusion
 from peers import CarinaNode, storescu, study_state, wait_until
 
+# On SQLite and on PostgreSQL (tests/conftest.py both_backends).
+pytestmark = pytest.mark.usefixtures("both_backends")
+
 SC = "1.2.840.10008.5.1.4.1.1.7"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DEFAULTS = RoutingSettings()

@@ -18,6 +18,9 @@ from node.report import Triage, assess_triage, never_lower, report_id, strongest
 from node.worker import current_study
 from pipeline_rig import PipelineRig
 
+# On SQLite and on PostgreSQL (tests/conftest.py both_backends).
+pytestmark = pytest.mark.usefixtures("both_backends")
+
 
 def findings(**probabilities: float) -> list[Finding]:
     return [Finding(label, probabilities.get(label, 0.1), 0.5, probabilities.get(label, 0.1) >= 0.5)

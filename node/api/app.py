@@ -26,6 +26,43 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
 OPENAPI_PATH = "/api/openapi.json"
 
 
+def healthz(request: Request):
+    """Liveness: 200 whenever the process answers HTTP. The body says
+    whether its parts are up ("ok") or not yet ("starting"); readiness,
+    with the reasons, is /readyz. The parts are those of the process's role."""
+    node: NodeContext = request.app.state.node
+    parts = dict(node.ready)
+    parts["db"] = parts.get("db", False) and node.db.ping()
+    status = "draining" if node.draining else "ok" if all(parts.values()) else "starting"
+    body = {"status": status, "role": node.role, "parts": parts}
+    info = node.model_info
+    if info is not None:
+        body["model"] = {"name": info.name, "version": info.version, "demo": info.demo, "caveat": info.caveat}
+        if node.models is not None:  # the runtime and the shadow candidate (model governance)
+            body["model"]["backend"] = node.models.backend
+            shadow_info = getattr(node.engine, "shadow_model_info", None)
+            body["model"]["shadow"] = None if shadow_info is None else shadow_info.ref
+    return JSONResponse(body)
+
+
+def add_healthz(app: FastAPI) -> None:
+    app.get("/healthz", include_in_schema=False,
+            dependencies=[public("probed by load balancers and monitoring; no patient data")])(healthz)
+
+
+def create_probe_app(ctx: NodeContext) -> FastAPI:
+    """The HTTP face of the receiver and worker roles (node/service.py): /healthz,
+    /readyz and /metrics only, for the orchestrator's probes and Prometheus."""
+    app = FastAPI(title="Carina", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.node = ctx
+    app.include_router(ops.probes)  # /readyz, /metrics
+    add_healthz(app)
+    app.add_middleware(SecurityHeaders, https=sessions.https(ctx.settings),
+                       hsts_max_age=ctx.settings.security.hsts_max_age_seconds)
+    check_policies(app)
+    return app
+
+
 def create_app(ctx: NodeContext) -> FastAPI:
     # No Swagger/ReDoc pages: they load scripts from a CDN and inline, which the
     # CSP forbids (and the node has no network). The schema itself needs a login.
@@ -52,26 +89,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
     def openapi():
         return JSONResponse(app.openapi())
 
-    @app.get("/healthz", include_in_schema=False,
-             dependencies=[public("probed by load balancers and monitoring; no patient data")])
-    def healthz(request: Request):
-        """Liveness: 200 whenever the process answers HTTP. The body says
-        whether its parts are up ("ok") or not yet ("starting"); readiness,
-        with the reasons, is /readyz."""
-        node: NodeContext = request.app.state.node
-        parts = dict(node.ready)
-        parts["db"] = parts.get("db", False) and node.db.ping()
-        status = "draining" if node.draining else "ok" if all(parts.values()) else "starting"
-        body = {"status": status, "parts": parts}
-        info = node.model_info
-        if info is not None:
-            body["model"] = {"name": info.name, "version": info.version, "demo": info.demo, "caveat": info.caveat}
-            if node.models is not None:  # the runtime and the shadow candidate (model governance)
-                body["model"]["backend"] = node.models.backend
-                shadow_info = getattr(node.engine, "shadow_model_info", None)
-                body["model"]["shadow"] = None if shadow_info is None else shadow_info.ref
-        return JSONResponse(body)
-
+    add_healthz(app)
     settings = ctx.settings
     app.add_middleware(SecurityHeaders, https=sessions.https(settings),
                        hsts_max_age=settings.security.hsts_max_age_seconds)

@@ -1,10 +1,13 @@
 """Operations endpoints: probes, metrics and the administrator's JSON.
 
 - `GET /readyz` (no token): 200 `ready` when the database answers, storage is
-  writable and above its floor, a model is loaded, the SCP listens and no
+  writable and above its floor, a model is loaded and the SCP listens (for
+  the roles that have them: node/service.py ROLE_PARTS) and no
   dead-letter job is older than `health.dead_letter_max_age_seconds`; else
   503 with `unready` (a part is down), `degraded` (dead letters) or
-  `draining` (graceful shutdown under way), and which check failed.
+  `draining` (graceful shutdown under way), and which check failed. In the
+  receiver, worker and api roles `degraded` answers 200: dead letters are the
+  site's state, not the replica's.
   `warnings` lists what the node's parts reported (e.g. configuration that
   works but deserves a look); they do not change the status.
 - `GET /metrics` (no token): Prometheus text format (node/metrics.py). It
@@ -51,8 +54,11 @@ def readiness(node: NodeContext) -> tuple[str, dict]:
         checks["storage"] = writable and (not floor or free_mb(node.data_dir) >= floor)
     except OSError:
         checks["storage"] = False
-    checks["model"] = bool(node.ready.get("model")) and node.engine is not None
-    checks["scp"] = node.scp is not None and node.scp.listening
+    # A role without a part does not wait for it (node/service.py ROLE_PARTS): a worker has no SCP.
+    if "model" in node.ready:
+        checks["model"] = bool(node.ready.get("model")) and node.engine is not None
+    if "scp" in node.ready:
+        checks["scp"] = node.scp is not None and node.scp.listening
     body: dict = {"checks": checks, "warnings": list(getattr(node, "warnings", []) or [])}
     dead_ok = True
     if checks["database"]:
@@ -82,8 +88,13 @@ def readiness(node: NodeContext) -> tuple[str, dict]:
 
 @probes.get("/readyz", dependencies=[public("orchestrators probe readiness; counts and states only, no patient data")])
 def readyz(request: Request):
-    status, body = readiness(request.app.state.node)
-    return JSONResponse({"status": status, **body}, status_code=200 if status == "ready" else 503)
+    node: NodeContext = request.app.state.node
+    status, body = readiness(node)
+    # Dead letters are the whole site's state, not one replica's: in the scale-out roles they are
+    # reported (status "degraded") without taking the replica out of its load balancer, which
+    # for receivers would stop all intake because one destination is down.
+    ok = status == "ready" or (status == "degraded" and node.role != "all")
+    return JSONResponse({"status": status, **body}, status_code=200 if ok else 503)
 
 
 @probes.get("/metrics", dependencies=[public("Prometheus scrapes it; counters by stage, destination and reason, "
