@@ -9,6 +9,7 @@ a caption band added above the image (see `banner`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 import numpy as np
 from highdicom.sc import SCImage
@@ -44,6 +45,16 @@ def display_rendition(image: DecodedImage, max_side: int = MAX_SIDE) -> np.ndarr
     return grey
 
 
+def fit_rendition(display: np.ndarray, source_shape: tuple[int, ...], max_side: int) -> np.ndarray:
+    """The display rendition at the size SCs of at most `max_side` are drawn at:
+    infer keeps one rendition (at MAX_SIDE, for the reading app and the report);
+    the SCs may be configured smaller (`outputs.sc.max_side`)."""
+    shape = _rendered_shape(tuple(source_shape), max_side)
+    if tuple(display.shape) == shape:
+        return display
+    return np.asarray(Image.fromarray(display).resize(shape[::-1], Image.Resampling.LANCZOS))
+
+
 def build_heatmap_captures(
     header: Dataset,
     image: ScoredImage,
@@ -72,16 +83,17 @@ def build_heatmap_captures(
     heatmaps = _rescaled(image.heatmaps, scale, grey.shape)
 
     positives = image.positives
+    # Each positive's map once, at the rendered size: its own SC and the summary share it.
+    heats = {f.label: heatmaps.at_source(CHESTXRAY14.index(f.label)) for f in positives}
     if positives:
-        summary_heat = np.max([heatmaps.at_source(CHESTXRAY14.index(f.label)) for f in positives], axis=0)
+        summary_heat = np.max(list(heats.values()), axis=0)
     else:
         summary_heat = None  # no positive: colouring a negative map would suggest a finding
     pictures: list[tuple[str, np.ndarray, list[BannerLine], tuple[Finding, ...]]] = [
         ("summary", summary_heat, summary_banner(image.findings, model), positives)
     ]
     for finding in positives:
-        heat = heatmaps.at_source(CHESTXRAY14.index(finding.label))
-        pictures.append((finding.label, heat, finding_banner(finding, model), (finding,)))
+        pictures.append((finding.label, heats[finding.label], finding_banner(finding, model), (finding,)))
 
     captures = []
     for offset, (kind, heat, lines, outlined) in enumerate(pictures):
@@ -111,6 +123,17 @@ def jet(values: np.ndarray) -> np.ndarray:
     green = np.clip(1.5 - np.abs(4.0 * v - 2.0), 0.0, 1.0)
     blue = np.clip(1.5 - np.abs(4.0 * v - 1.0), 0.0, 1.0)
     return np.rint(np.concatenate([red, green, blue], axis=-1) * 255.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _blend_table() -> np.ndarray:
+    """uint8 [grey 256, heat level 256, RGB]: the grey blended with the jet colour
+    of the heat level at HEAT_OPACITY x heat (cold stays plain grey)."""
+    heat = np.arange(256, dtype=np.float32) / 255.0
+    alpha = (HEAT_OPACITY * heat)[None, :, None]
+    grey = np.arange(256, dtype=np.float32)[:, None, None]
+    colours = jet(heat).astype(np.float32)[None, :, :]
+    return np.rint(grey * (1.0 - alpha) + colours * alpha).astype(np.uint8)
 
 
 def _rescaled(heatmaps: Heatmaps, scale: float, shape: tuple[int, int]) -> Heatmaps:
@@ -158,12 +181,15 @@ def _overlay(
     outlined: tuple[Finding, ...],
     scale: float,
 ) -> Image.Image:
-    rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
-    if heat is not None:
-        heat = np.clip(heat, 0.0, 1.0)[..., None]
-        alpha = HEAT_OPACITY * heat
-        rgb = rgb * (1.0 - alpha) + jet(heat[..., 0]).astype(np.float32) * alpha
-    picture = Image.fromarray(np.rint(rgb).astype(np.uint8))
+    if heat is None:
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+    else:
+        # One lookup per pixel in a (grey, heat) table instead of float
+        # arithmetic over the whole picture: the heat is quantised to 256 levels
+        # (finer than the 8-bit colours it becomes).
+        level = np.rint(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
+        rgb = _blend_table()[grey, level]
+    picture = Image.fromarray(np.ascontiguousarray(rgb))
     draw = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 400))
     for finding in outlined:

@@ -36,7 +36,7 @@ from node.outputs.encapsulated_pdf import build_encapsulated_pdf
 from node.outputs.fhir_report import build_report_resources, pdf_attachment
 from node.outputs.gsps import build_presentation_state
 from node.outputs.pdf_report import Predecessor, predecessor_of, render_report_pdf
-from node.outputs.sc import build_heatmap_captures, display_rendition
+from node.outputs.sc import build_heatmap_captures, display_rendition, fit_rendition
 from node.outputs.seg import build_segmentation
 from node.outputs.sr import build_sr
 from node.pipeline import conclude
@@ -133,9 +133,10 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
                                                                   instance_number=index + 1)):
             per_image.append((OutputKind.SEG, seg))
         if OutputKind.SC in kinds:
+            side = ctx.settings.outputs.sc.max_side
             captures = build_heatmap_captures(
-                headers[uid], image, display(uid), scored,
-                first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
+                headers[uid], image, fit_rendition(display(uid), image.heatmaps.source_shape, side), scored,
+                first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index, max_side=side,
             )
             per_image.extend((OutputKind.SC, sc) for sc in captures)
     sr = build_sr(scored, headers, predecessors or None, presentation_states=states)
