@@ -105,7 +105,6 @@ def bare_loop(paths: list[Path]) -> dict:
         for path in paths:
             one(path)
         elapsed = time.perf_counter() - started
-    del model, state
     return {"images": len(paths), "seconds": round(elapsed, 2), "images_per_s": round(len(paths) / elapsed, 2)}
 
 

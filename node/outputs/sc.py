@@ -52,7 +52,8 @@ def fit_rendition(display: np.ndarray, source_shape: tuple[int, ...], max_side: 
     shape = _rendered_shape(tuple(source_shape), max_side)
     if tuple(display.shape) == shape:
         return display
-    return np.asarray(Image.fromarray(display).resize(shape[::-1], Image.Resampling.LANCZOS))
+    # reducing_gap: a box reduction first, then Lanczos over the last factor (several times faster).
+    return np.asarray(Image.fromarray(display).resize(shape[::-1], Image.Resampling.LANCZOS, reducing_gap=3.0))
 
 
 def build_heatmap_captures(

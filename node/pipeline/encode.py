@@ -120,7 +120,8 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
 
     def display(uid: str) -> np.ndarray:
         if uid not in displays:
-            displays[uid] = _display(work, uid, cap)
+            kept = ctx.renditions.get(work.displays[uid])  # infer ran in this process: its pixels
+            displays[uid] = kept if kept is not None else _display(work, uid, cap)
         return displays[uid]
 
     for index, image in enumerate(scored.images):
@@ -161,6 +162,7 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
         write_durably(buffer.getvalue(), path)
         written.append(EncodedObject(kind, str(obj.SOPInstanceUID), str(obj.SOPClassUID),
                                      str(obj.SeriesInstanceUID), path))
+    ctx.renditions.settle(list(work.displays.values()))  # kept on disk before this version counts as encoded
     attachment = pdf_attachment(pdf, scored) if pdf is not None and report.fhir else None
     resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system,
                                        presented_form=attachment)
