@@ -233,3 +233,22 @@ def test_an_idle_worker_is_woken_when_work_is_queued(db, tmp_path):
         wait_until(lambda: all(j.state == "done" for j in jobs(db)), 30, interval=0.05, what="the job run after wake()")
     finally:
         pool.stop(5)
+
+
+def test_a_later_stage_is_claimed_before_an_older_earlier_one(db):
+    """A burst flows through study by study: another study's encode or deliver
+    goes before an infer queued earlier."""
+    from node.states import Stage
+
+    for sop, uid in (("1.1", "1.2.3"), ("2.1", "2.2.3")):
+        record_instance(db, *stored(sop=sop, study=uid))
+    complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)  # two infer jobs, oldest first
+    with db.session() as s:
+        second = s.scalars(select(Study).where(Study.study_uid == "2.2.3")).one()
+        enqueue(s, second.id, Stage.DELIVER, 1, destination="pacs")
+        enqueue(s, second.id, Stage.ENCODE, 1)
+    order = []
+    while (job := claim(db, "w", 30)) is not None:
+        order.append(job.stage)
+        succeed(db, job)
+    assert order == ["deliver", "encode", "infer", "infer"]
