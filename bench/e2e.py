@@ -249,9 +249,12 @@ def summarise(studies: list[dict]) -> dict:
             kinds.setdefault(kind, []).append(size)
     return {
         "sr_latency_s": {"p50": round(pct(sr, 0.5), 3), "p95": round(pct(sr, 0.95), 3), "max": round(max(sr), 3)},
-        "all_outputs_latency_s": {"p50": round(pct(every, 0.5), 3), "p95": round(pct(every, 0.95), 3)},
+        "all_outputs_latency_s": {"p50": round(pct(every, 0.5), 3), "p95": round(pct(every, 0.95), 3),
+                                  "max": round(max(every), 3)},
         "stage_mean_s_queue_included": {
             stage: round(statistics.mean(s["stages"][stage] for s in studies), 3) for stage in ("infer", "encode", "deliver")},
+        "stage_median_s_queue_included": {
+            stage: round(statistics.median(s["stages"][stage] for s in studies), 3) for stage in ("infer", "encode", "deliver")},
         "outputs": {kind: {"count": len(sizes), "mean_bytes": int(statistics.mean(sizes))} for kind, sizes in sorted(kinds.items())},
     }
 
