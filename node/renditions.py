@@ -37,7 +37,7 @@ def png_bytes(picture: np.ndarray) -> bytes:
 class Renditions:
     """Pixels kept in memory (bounded, newest first) until encode has used them."""
 
-    def __init__(self, keep: int = 32):
+    def __init__(self, keep: int = 16):  # 16 renditions of 2048^2: 64 MB at most
         self._keep = keep
         self._pictures: OrderedDict[Path, tuple[np.ndarray, Future]] = OrderedDict()
         self._lock = threading.Lock()
