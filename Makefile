@@ -40,6 +40,8 @@ bench: $(STAMP) peers
 	$(BIN)/python bench/receive_hash.py
 	$(BIN)/python bench/onnx_runtime.py
 	$(BIN)/python bench/dicomweb.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/e2e.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache $(JS)/node_modules

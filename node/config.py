@@ -103,6 +103,11 @@ class DicomSettings(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     stable_seconds: float = Field(default=5.0, gt=0)
+    # Also complete a study when the association that brought its last
+    # instance is released, without waiting stable_seconds (node/completion.py).
+    # For senders that push a whole study per association; off by default,
+    # because a modality may send one study over several associations.
+    complete_on_release: bool = False
     max_associations: int = Field(default=10, ge=1)
     # Who may send: an association from any other calling AE title, or from a
     # known one at another address, is rejected at negotiation. An empty list
@@ -475,6 +480,18 @@ class ReportPdfSettings(_Strict):
     font_dir: Path = DEJAVU_DIR
 
 
+class ScSettings(_Strict):
+    """The heatmap Secondary Captures (node/outputs/sc.py)."""
+
+    # Longest side of each SC's picture (the caption band is added above it).
+    # An SC is uncompressed RGB: a 2048^2 source drawn at full size is ~12 MB per
+    # SC (one per positive finding plus a summary), which the encode stage writes
+    # and the PACS stores; 1024 is what a viewer's thumbnail or side-by-side
+    # panel shows, at a quarter of the bytes. Smaller sources are never upscaled.
+    # At most 2048: the rendition infer keeps (node/outputs/sc.py MAX_SIDE).
+    max_side: int = Field(default=1024, ge=256, le=2048)
+
+
 class OutputSettings(_Strict):
     """Which DICOM objects the encode stage writes and DICOM destinations receive."""
 
@@ -483,6 +500,7 @@ class OutputSettings(_Strict):
     # presentation state per image (graphic layers a classic PACS toggles);
     # pdf: the printable report as a DICOM Encapsulated PDF.
     kinds: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
+    sc: ScSettings = Field(default_factory=ScSettings)
     report_pdf: ReportPdfSettings = Field(default_factory=ReportPdfSettings)
 
     @property

@@ -16,6 +16,13 @@ if TYPE_CHECKING:  # both pull in torch; the CLI and the API must start without 
     from inference.batcher import BatchingEngine
     from inference.types import ModelInfo
     from node.models import ModelManager
+    from node.renditions import Renditions
+
+
+def _renditions() -> "Renditions":
+    from node.renditions import Renditions  # PIL and numpy: only when a pipeline runs
+
+    return Renditions()
 
 
 def utc_now() -> dt.datetime:
@@ -53,6 +60,8 @@ class NodeContext:
     draining: bool = False
     # The running SCP, for /readyz ("is it listening?").
     scp: StorageSCP | None = None
+    # Display renditions passed from infer to encode in memory (node/renditions.py).
+    renditions: Renditions = field(default_factory=lambda: _renditions())
 
     def __post_init__(self) -> None:
         if self.audit is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,12 @@ from node.db import Database, Job, JobError, server_now
 from node.states import JobState, Stage
 
 STAGES = tuple(Stage)
+# Claim order: a study's later stage before another study's earlier one, so a
+# burst of studies flows through one by one (the first SR reaches the PACS
+# after one study's work, not after every study's inference). Within a stage,
+# oldest first. Work cannot starve: later stages exist only for studies
+# already started.
+_STAGE_FIRST = case({Stage.DELIVER: 0, Stage.ENCODE: 1}, value=Job.stage, else_=2)
 
 
 class StageError(Exception):
@@ -83,7 +89,8 @@ def enqueue(session: Session, study_id: int, stage: Stage, version: int, destina
 
 
 def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[Stage, ...] = STAGES) -> Job | None:
-    """Take the next runnable job (pending, or running with an expired lease)."""
+    """Take the next runnable job (pending, or running with an expired lease):
+    the latest stage first, then the oldest."""
     with db.session() as s:
         t = server_now(s)
         runnable = or_(
@@ -93,7 +100,7 @@ def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[Stage, .
         candidate = s.scalars(
             select(Job)
             .where(runnable, Job.stage.in_(stages))
-            .order_by(Job.run_after, Job.id)
+            .order_by(_STAGE_FIRST, Job.run_after, Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
         ).first()

@@ -10,7 +10,10 @@ lease will expire and be taken again.
 
 While a stage runs, a heartbeat (node/lease.py) renews its lease every
 lease/3; a stage whose lease is lost stops before acting and cannot settle.
-On shutdown the pool stops claiming, lets running stages finish within the
+An idle worker waits for `wake()` (called in-process when work is queued:
+a study completed, a job finished) or, at the latest, `pipeline.poll_seconds`
+(work queued by another process, a retry whose time has come). On shutdown
+the pool stops claiming, lets running stages finish within the
 grace period, and releases the leases of those still running, so another
 worker takes them at once instead of after the lease.
 """
@@ -147,6 +150,10 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self.owner_prefix = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running: dict[str, Job] = {}  # worker owner -> the job it runs now
+        # wake(): bumps the generation and notifies; a worker about to idle
+        # waits only if nothing was queued since it last looked.
+        self._queued = threading.Condition()
+        self._generation = 0
 
     def start(self) -> None:
         for n in range(self.count):
@@ -159,6 +166,7 @@ class WorkerPool:
         release the leases of those still running (pending again, runnable
         now, the attempt not charged). Returns how many were released."""
         self._stop.set()
+        self.wake()
         deadline = time.monotonic() + grace
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -175,12 +183,24 @@ class WorkerPool:
                 log.exception("could not release job %d; its lease will expire", job.id)
         return released
 
+    def wake(self) -> None:
+        """Work was queued in this process: idle workers claim it now rather than at their next poll."""
+        with self._queued:
+            self._generation += 1
+            self._queued.notify_all()
+
     def _loop(self, owner: str) -> None:
         while not self._stop.is_set():
+            with self._queued:
+                seen = self._generation
             try:
                 busy = run_one(self.ctx, owner, self.running)
             except Exception:  # e.g. the database is briefly unreachable
                 log.exception("worker %s: claim failed", owner)
                 busy = False
-            if not busy:
-                self._stop.wait(self.ctx.settings.pipeline.poll_seconds)
+            if busy:
+                self.wake()  # its stage may have queued the next (deliveries to several destinations)
+                continue
+            with self._queued:
+                if self._generation == seen and not self._stop.is_set():
+                    self._queued.wait(self.ctx.settings.pipeline.poll_seconds)

@@ -182,3 +182,73 @@ def test_concurrent_first_instances_create_one_study(db):
         from node.db import Instance
 
         assert len(s.scalars(select(Instance)).all()) == 8
+
+
+def test_a_released_study_completes_at_once_only_with_complete_on_release(db):
+    """dicom.complete_on_release: the association that brought the study's last
+    instance was released, so it is complete without its stability window."""
+    from node.receiver import record_release
+
+    record_instance(db, *stored(sop="1.1"))
+    record_release(db, "MOD", ["1.2.3"])
+    assert complete_quiet_studies(db, stable_seconds=3600) == []  # off: the window still counts
+    assert len(complete_quiet_studies(db, stable_seconds=3600, on_release=True)) == 1
+    assert (study(db).state, study(db).version) == ("processing", 1)
+
+
+def test_an_instance_after_the_release_waits_for_the_window_again(db):
+    """Another association still sending the study: its last instance came after
+    the release, so the study completes when quiet, as without the option."""
+    from node.receiver import record_release
+
+    record_instance(db, *stored(sop="1.1"))
+    record_release(db, "MOD", ["1.2.3"])
+    record_instance(db, *stored(sop="1.2"))  # last_received_at now after released_at
+    assert complete_quiet_studies(db, stable_seconds=3600, on_release=True) == []
+    assert len(complete_quiet_studies(db, stable_seconds=5, at=now() + 6, on_release=True)) == 1
+
+
+def test_an_idle_worker_is_woken_when_work_is_queued(db, tmp_path):
+    """WorkerPool.wake(): with an hour between polls, a queued job still runs
+    at once when this process says it queued it."""
+    from node.config import Settings
+    from node.context import NodeContext
+    from node.jobs import enqueue
+    from node.states import Stage
+    from node.worker import WorkerPool
+    from peers import wait_until
+
+    settings = Settings(storage={"data_dir": str(tmp_path)}, pipeline={"poll_seconds": 3600})
+    pool = WorkerPool(NodeContext(settings=settings, db=db), 1)
+    pool.start()
+    try:
+        wait_until(lambda: pool._threads[0].is_alive(), 10)
+        record_instance(db, *stored(sop="1.1"))
+        complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)  # version 1, an infer job
+        with db.session() as s:
+            st = s.scalars(select(Study)).one()
+            st.version = 2  # superseded: the worker settles the version-1 job without a model
+            enqueue(s, st.id, Stage.INFER, 1)
+        pool.wake()
+        wait_until(lambda: all(j.state == "done" for j in jobs(db)), 30, interval=0.05, what="the job run after wake()")
+    finally:
+        pool.stop(5)
+
+
+def test_a_later_stage_is_claimed_before_an_older_earlier_one(db):
+    """A burst flows through study by study: another study's encode or deliver
+    goes before an infer queued earlier."""
+    from node.states import Stage
+
+    for sop, uid in (("1.1", "1.2.3"), ("2.1", "2.2.3")):
+        record_instance(db, *stored(sop=sop, study=uid))
+    complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)  # two infer jobs, oldest first
+    with db.session() as s:
+        second = s.scalars(select(Study).where(Study.study_uid == "2.2.3")).one()
+        enqueue(s, second.id, Stage.DELIVER, 1, destination="pacs")
+        enqueue(s, second.id, Stage.ENCODE, 1)
+    order = []
+    while (job := claim(db, "w", 30)) is not None:
+        order.append(job.stage)
+        succeed(db, job)
+    assert order == ["deliver", "encode", "infer", "infer"]

@@ -36,7 +36,7 @@ from node.outputs.encapsulated_pdf import build_encapsulated_pdf
 from node.outputs.fhir_report import build_report_resources, pdf_attachment
 from node.outputs.gsps import build_presentation_state
 from node.outputs.pdf_report import Predecessor, predecessor_of, render_report_pdf
-from node.outputs.sc import build_heatmap_captures, display_rendition
+from node.outputs.sc import build_heatmap_captures, display_rendition, fit_rendition
 from node.outputs.seg import build_segmentation
 from node.outputs.sr import build_sr
 from node.pipeline import conclude
@@ -120,7 +120,8 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
 
     def display(uid: str) -> np.ndarray:
         if uid not in displays:
-            displays[uid] = _display(work, uid, cap)
+            kept = ctx.renditions.get(work.displays[uid])  # infer ran in this process: its pixels
+            displays[uid] = kept if kept is not None else _display(work, uid, cap)
         return displays[uid]
 
     for index, image in enumerate(scored.images):
@@ -133,9 +134,10 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
                                                                   instance_number=index + 1)):
             per_image.append((OutputKind.SEG, seg))
         if OutputKind.SC in kinds:
+            side = ctx.settings.outputs.sc.max_side
             captures = build_heatmap_captures(
-                headers[uid], image, display(uid), scored,
-                first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index,
+                headers[uid], image, fit_rendition(display(uid), image.heatmaps.source_shape, side), scored,
+                first_instance_number=1 + INSTANCE_NUMBERS_PER_SOURCE * index, max_side=side,
             )
             per_image.extend((OutputKind.SC, sc) for sc in captures)
     sr = build_sr(scored, headers, predecessors or None, presentation_states=states)
@@ -160,6 +162,7 @@ def run(ctx: NodeContext, work: EncodeWork) -> Encoded:
         write_durably(buffer.getvalue(), path)
         written.append(EncodedObject(kind, str(obj.SOPInstanceUID), str(obj.SOPClassUID),
                                      str(obj.SeriesInstanceUID), path))
+    ctx.renditions.settle(list(work.displays.values()))  # kept on disk before this version counts as encoded
     attachment = pdf_attachment(pdf, scored) if pdf is not None and report.fhir else None
     resources = build_report_resources(scored, patient_system=ctx.settings.api.patient_identifier_system,
                                        presented_form=attachment)

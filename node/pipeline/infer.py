@@ -8,13 +8,10 @@ the display rendition the heatmap SCs are drawn on is kept beside the outputs
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -33,7 +30,7 @@ from node.report import ReportStatus, Triage, assess_triage, never_lower, strong
 from node.routing import exclusion
 from node.scored_study import ScoredImage, ScoredStudy
 from node.states import SCOREABLE_INSTANCE_STATES, InstanceState, Stage, StudyState
-from node.storage import display_path, write_durably
+from node.storage import display_path
 from node.study_facts import StudyFacts, patient_disagreement
 
 log = logging.getLogger(__name__)
@@ -168,12 +165,10 @@ def scored_study(ctx: NodeContext, work: InferWork, headers: list[Dataset], pred
 
 
 def keep_display(ctx: NodeContext, work: InferWork, sop_uid: str, image: DecodedImage) -> None:
-    """Write the image's display rendition (PNG) for the heatmap SCs of this study version."""
-    picture = display_rendition(image)
-    buffer = io.BytesIO()
-    # Lossless and fast: level 1 costs a fraction of a decode and halves the bytes.
-    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", compress_level=1)
-    write_durably(buffer.getvalue(), display_path(ctx.work_dir, work.calling_ae, work.study_uid, work.version, sop_uid))
+    """Keep the image's display rendition (a PNG, written in the background) for
+    the heatmap SCs of this study version and the reading app (node/renditions.py)."""
+    ctx.renditions.keep(display_path(ctx.work_dir, work.calling_ae, work.study_uid, work.version, sop_uid),
+                        display_rendition(image))
 
 
 def settle(ctx: NodeContext, session: Session, study: Study, inferred: Inferred) -> None:
