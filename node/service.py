@@ -248,7 +248,7 @@ class Node:
 
     def _start_schedulers(self) -> None:
         """Study completion and the retention purge: safe on several replicas (module docstring)."""
-        ctx, s = self.ctx, self.ctx.settings
+        s = self.ctx.settings
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
             self._complete_studies,
