@@ -88,4 +88,8 @@ def configure(level: str = "INFO", *, fmt: str = "text", file: Path | None = Non
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every 1 s tick
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every tick at INFO
+    # The completion tick (0.1 s) is skipped while the previous one still runs
+    # (max_instances=1, on purpose): apscheduler warns each time, which under
+    # load would fill the log with lines no one can act on.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
