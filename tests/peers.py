@@ -252,12 +252,18 @@ class CarinaNode:
     environment of every `carina` it runs (e.g. CARINA_DATABASE__URL, as a
     container is configured)."""
 
+    @property
+    def env(self) -> dict[str, str]:
+        # Read at each run, not at construction: a test may set a secret's
+        # variable (monkeypatch.setenv) after building the node and before start().
+        return dict(os.environ, **self._extra_env)
+
     def __init__(self, workdir: Path, *, destinations: list[dict] | None = None, stable_seconds: float = 1.0,
                  extra: dict | None = None, peers: list[dict] | None = None, role: str = "all",
                  env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.role = role
-        self.env = dict(os.environ, **(env or {}))
+        self._extra_env = dict(env or {})
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.config_path = self.workdir / "carina.yaml"

@@ -39,7 +39,7 @@ from peers import CarinaNode, Orthanc, dcmsend, expected_outputs, http_json, stu
 STUDIES = 50
 LEASE_SECONDS = 6.0  # short, so the takeover comes within seconds; heartbeats renew every 2 s
 CARINA_AE = "CARINA"
-AIMS = 40  # SIGSTOP/inspect/resume rounds before giving up on catching an infer or encode job
+AIMS = 200  # SIGSTOP/inspect/resume rounds before giving up on catching an infer or encode job
 
 
 class Cluster:
@@ -160,7 +160,9 @@ def test_receiver_two_workers_and_api_on_postgresql_survive_a_worker_sigkill(clu
                                     owner=f"%:{victim}:%")[0][0] >= 5, 300, what="worker A done with 5 jobs")
     kill = None
     for _ in range(AIMS):
-        wait_until(lambda: cluster.held_by(victim), 120, interval=0.01, what="worker A holding a job")
+        # Deliveries are most of a worker's time: wait for an infer or encode job to show.
+        wait_until(lambda: any(stage in ("infer", "encode") for _, stage, _, _ in cluster.held_by(victim)), 120,
+                   interval=0.005, what="worker A holding an infer or encode job")
         os.kill(victim, signal.SIGSTOP)
         held = cluster.held_by(victim)
         if held and all(stage in ("infer", "encode") for _, stage, _, _ in held):
