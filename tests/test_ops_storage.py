@@ -31,13 +31,13 @@ from node.report import report_id
 from node.sweep import sweep
 
 
-def delivered(node, uid: str) -> dict:
+def delivered(node, uid: str, timeout: float = 120) -> dict:
     def ready():
         view = study_state(node, uid)
         return view and view["state"] == "done" and view["deliveries"] and all(
             d["state"] == "done" for d in view["deliveries"]) and view
 
-    return wait_until(ready, 120, interval=0.3, what=f"{uid} delivered")
+    return wait_until(ready, timeout, interval=0.3, what=f"{uid} delivered")
 
 
 def events(node, kind: str) -> list[dict]:
@@ -169,7 +169,8 @@ def test_retention_purges_delivered_studies_only_and_finishes_a_crashed_purge(tm
 
         # When y is delivered, it goes too; a purge run after that finds nothing.
         pacs.start()
-        delivered(node, y_uid)
+        # Longer than the others: a CI run on a loaded machine once took over 120 s here.
+        delivered(node, y_uid, timeout=300)
         wait_until(lambda: not any(p.exists() for p in y_files), 60, interval=0.3, what="y purged once delivered")
         wait_until(lambda: carina_db_rows(node, "SELECT count(*) FROM jobs") == [(0,)], 60, interval=0.3,
                    what="every done job purged")
