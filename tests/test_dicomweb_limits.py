@@ -4,7 +4,6 @@ with real FailureReasons (its disk floor: 0xA700) and real HTTP refusals."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from node.config import Settings
 from node.context import NodeContext
 from node.db import Database, Instance, Study
 from node.states import JobState
-from peers import free_port
+from peers import free_port, wait_until
 from pipeline_rig import PipelineRig
 
 DICOM_TYPE = 'multipart/related; type="application/dicom"; boundary=XyZ'
@@ -43,10 +42,8 @@ class Archive:
                                                     log_level="warning", lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), 15, 0.05, what="uvicorn started")
+        assert self.server.started, "uvicorn did not start"
 
     def stow(self, body, content_length: bool = True) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": DICOM_TYPE}

@@ -30,13 +30,12 @@ from node.config import DicomWebDestination
 from node.context import NodeContext
 from node.db import Study
 from node.destinations import dicom as dimse
-from node.destinations.fhir import auth_headers, basic_auth
+from node.destinations.fhir import RETRYABLE_STATUS, auth_headers, basic_auth
 from node.dicomweb.multipart import new_boundary, parts_length, stream_parts
 from node.jobs import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 429}
 DICOM = "application/dicom"
 
 
