@@ -15,7 +15,10 @@ Receivers, each fresh for every round (new storage), on loopback:
   instance is fsynced, renamed, its directory fsynced and its row committed
   (SQLite, synchronous=FULL) before the C-STORE is answered.
 * storescp: dcmtk's `storescp -od DIR` (writes files, no fsync);
-* orthanc: Orthanc with its default storage (SQLite index).
+* orthanc: Orthanc with its default storage (SQLite index);
+* pynetdicom: bench/bare_pynetdicom_scp.py, Carina's protocol stack and network
+  settings with a handler that only moves the file: the ceiling of any
+  receiver built on pynetdicom on the machine.
 
 Every instance each receiver was sent is checked to be there (rows, files,
 Orthanc's statistics) before its time counts. Each round sends new SOP
@@ -147,7 +150,34 @@ class OrthancReceiver:
         self.pacs.stop()
 
 
-RECEIVERS = (CarinaReceiver, StorescpReceiver, OrthancReceiver)
+class PynetdicomReceiver:
+    """bench/bare_pynetdicom_scp.py: Carina's protocol stack doing nothing but
+    moving each file (no fsync, no check, no database): the ceiling of any
+    receiver built on pynetdicom on this machine."""
+    name = "pynetdicom"
+
+    def __init__(self, work: Path):
+        from peers import free_port
+
+        self.dir, self.port, self.ae = work / "in", free_port(), "BARESCP"
+        self.proc = None
+
+    def start(self):
+        from peers import accepts_connections, wait_until
+
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "bare_pynetdicom_scp.py"), str(self.port),
+                                      str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: accepts_connections(self.port), 30, what="the bare pynetdicom SCP")
+
+    def count(self) -> int:
+        return sum(1 for _ in self.dir.iterdir())
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+RECEIVERS = (CarinaReceiver, StorescpReceiver, OrthancReceiver, PynetdicomReceiver)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         carina = round(best["carina"][case], 1)
         storescp = round(best["storescp"][case], 1)
         orthanc = round(best["orthanc"][case], 1)
+        bare = round(best["pynetdicom"][case], 1)
         cases[case] = {
             "instances": CASES["small" if case == "small_concurrent" else case][0],
             "instance_bytes": sizes[case],
             "associations": args.associations if case == "small_concurrent" else 1,
-            "instances_per_s": {"carina": carina, "storescp": storescp, "orthanc": orthanc},
+            "instances_per_s": {"carina": carina, "storescp": storescp, "orthanc": orthanc, "pynetdicom": bare},
             "carina_vs_storescp": round(carina / storescp, 2),
             "carina_vs_orthanc": round(carina / orthanc, 2),
+            "carina_vs_pynetdicom": round(carina / bare, 2),
         }
     result = {
         "benchmark": "ingest",
@@ -216,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "sender": "dcmsend (TCP_NODELAY=1), one association per process",
         "durability": {"carina": "fsync file + directory, SQLite commit (synchronous=FULL) before the answer",
-                       "storescp": "no fsync", "orthanc": "as shipped"},
+                       "storescp": "no fsync", "orthanc": "as shipped",
+                       "pynetdicom": "bench/bare_pynetdicom_scp.py: moves the file, no fsync, no database"},
         "cases": cases,
         "goals": {"small_one_association_ge_200_per_s": cases["small"]["instances_per_s"]["carina"] >= 200},
     }
