@@ -150,17 +150,11 @@ class OrthancReceiver:
         self.pacs.stop()
 
 
-class PynetdicomReceiver:
+class PynetdicomReceiver(StorescpReceiver):
     """bench/bare_pynetdicom_scp.py: Carina's protocol stack doing nothing but
     moving each file (no fsync, no check, no database): the ceiling of any
-    receiver built on pynetdicom on this machine."""
+    receiver built on pynetdicom on this machine. Counted and stopped as storescp."""
     name = "pynetdicom"
-
-    def __init__(self, work: Path):
-        from peers import free_port
-
-        self.dir, self.port, self.ae = work / "in", free_port(), "BARESCP"
-        self.proc = None
 
     def start(self):
         from peers import accepts_connections, wait_until
@@ -168,13 +162,6 @@ class PynetdicomReceiver:
         self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "bare_pynetdicom_scp.py"), str(self.port),
                                       str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: accepts_connections(self.port), 30, what="the bare pynetdicom SCP")
-
-    def count(self) -> int:
-        return sum(1 for _ in self.dir.iterdir())
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 RECEIVERS = (CarinaReceiver, StorescpReceiver, OrthancReceiver, PynetdicomReceiver)
