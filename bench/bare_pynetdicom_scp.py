@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicom_scp.sockets import NODELAY_HANDLER  # noqa: E402
+from node.config import DicomSettings  # noqa: E402
 
 _config.STORE_RECV_CHUNKED_DATASET = True  # as dicom_scp/scp.py: each dataset streamed to a temp file
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--max-pdu", type=int, default=262144, help="Carina's dicom.max_pdu_bytes default")
+    parser.add_argument("--max-pdu", type=int, default=DicomSettings.model_fields["max_pdu_bytes"].default,
+                        help="default: Carina's dicom.max_pdu_bytes default")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 

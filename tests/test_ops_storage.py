@@ -31,16 +31,16 @@ from node.report import report_id
 from node.sweep import sweep
 
 
-def delivered(node, uid: str, timeout: float = 120) -> dict:
+def delivered(node, uid: str) -> dict:
     def ready():
         view = study_state(node, uid)
         return view and view["state"] == "done" and view["deliveries"] and all(
             d["state"] == "done" for d in view["deliveries"]) and view
 
-    return wait_until(ready, timeout, interval=0.3, what=f"{uid} delivered")
+    return wait_until(ready, 120, interval=0.3, what=f"{uid} delivered")
 
 
-def delivered_despite_purge(node, pacs, uid: str, timeout: float = 120) -> None:
+def delivered_despite_purge(node, pacs, uid: str) -> None:
     """The study's results reached the PACS and no delivery of it is left.
     With `jobs_days: 0` a done delivery job is purged within a second, so the
     study view's deliveries may already be empty; the PACS holding the study
@@ -50,7 +50,7 @@ def delivered_despite_purge(node, pacs, uid: str, timeout: float = 120) -> None:
         return (view and view["state"] == "done" and all(d["state"] == "done" for d in view["deliveries"])
                 and pacs.study_instances(uid))
 
-    wait_until(ready, timeout, interval=0.3, what=f"{uid} delivered (retention on)")
+    wait_until(ready, 120, interval=0.3, what=f"{uid} delivered (retention on)")
 
 
 def events(node, kind: str) -> list[dict]:
