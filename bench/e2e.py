@@ -101,11 +101,18 @@ def bare_loop(paths: list[Path]) -> dict:
 
     with torch.inference_mode():
         one(paths[0])  # warm-up (allocator, kernels), as the node warms up at start
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for path in paths:
             one(path)
-        elapsed = time.perf_counter() - started
-    return {"images": len(paths), "seconds": round(elapsed, 2), "images_per_s": round(len(paths) / elapsed, 2)}
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"images": len(paths), "seconds": round(elapsed, 2), "images_per_s": round(len(paths) / elapsed, 2),
+            "cpu_core_seconds_per_image": round(cpu / len(paths), 3)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 class ReceptionClock:
@@ -179,18 +186,27 @@ def outputs_by_study(node) -> dict[int, list[tuple[str, int]]]:
     return out
 
 
+# The node's stages (node/states.py Stage), in pipeline order; the SCs are drawn
+# (capture) and sent (deliver-sc) after the report's objects (encode, deliver).
+STAGES = ("infer", "encode", "capture", "deliver", "deliver-sc")
+DELIVERIES = ("deliver", "deliver-sc")
+
+
 def delivered(node, clock: ReceptionClock, uids: list[str]) -> bool:
-    """Every study's deliver job done and Orthanc has logged every output."""
+    """Every study done (so every delivery job exists), every delivery job done,
+    and Orthanc has logged every output."""
     rows, jobs, outputs = study_rows(node), jobs_by_study(node), outputs_by_study(node)
     seen = clock.by_study()
     for uid in uids:
         row = rows.get(uid)
         if row is None:
             return False
-        state = jobs.get(row["id"], {}).get("deliver", (0, None, ""))[2]
-        if state == "dead":
+        states = [job[2] for stage, job in jobs.get(row["id"], {}).items() if stage in DELIVERIES]
+        if "dead" in states:
             raise RuntimeError(f"a delivery went dead-letter; see {node.workdir / 'carina.log'}")
-        if state != "done" or len(seen.get(uid, [])) < len(outputs.get(row["id"], [])):
+        if row["state"] != "done" or not states or any(state != "done" for state in states):
+            return False
+        if len(seen.get(uid, [])) < len(outputs.get(row["id"], [])):
             return False
     return True
 
@@ -204,7 +220,7 @@ def stage_metrics(node) -> dict[str, dict]:
         text = rsp.read().decode()
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    for match in re.finditer(r'carina_stage_duration_seconds_(sum|count)\{outcome="done",stage="(\w+)"\} ([0-9.e+-]+)', text):
+    for match in re.finditer(r'carina_stage_duration_seconds_(sum|count)\{outcome="done",stage="([\w-]+)"\} ([0-9.e+-]+)', text):
         (sums if match[1] == "sum" else counts)[match[2]] = float(match[3])
     return {stage: {"runs": int(counts[stage]), "sum_s": sums[stage]} for stage in counts}
 
@@ -223,8 +239,8 @@ def per_study(node, clock: ReceptionClock, uids: list[str], stable: float) -> li
             "window_end": window_end,
             "sr_at_pacs": sr_at,
             "last_output_at_pacs": max(t for t, _ in received),
-            "deliver_done": job["deliver"][1],
-            "stages": {stage: job[stage][1] - job[stage][0] for stage in ("infer", "encode", "deliver")},
+            "deliver_done": max(job[stage][1] for stage in DELIVERIES if stage in job),
+            "stages": {stage: job[stage][1] - job[stage][0] for stage in STAGES if stage in job},
             "outputs": outputs[row["id"]],
         })
     return out
@@ -243,6 +259,7 @@ def pct(values: list[float], q: float) -> float:
 def summarise(studies: list[dict]) -> dict:
     sr = [s["sr_at_pacs"] - s["window_end"] for s in studies]
     every = [s["deliver_done"] - s["window_end"] for s in studies]
+    ran = set.intersection(*(set(s["stages"]) for s in studies))
     kinds: dict[str, list[int]] = {}
     for s in studies:
         for kind, size in s["outputs"]:
@@ -252,9 +269,9 @@ def summarise(studies: list[dict]) -> dict:
         "all_outputs_latency_s": {"p50": round(pct(every, 0.5), 3), "p95": round(pct(every, 0.95), 3),
                                   "max": round(max(every), 3)},
         "stage_mean_s_queue_included": {
-            stage: round(statistics.mean(s["stages"][stage] for s in studies), 3) for stage in ("infer", "encode", "deliver")},
+            stage: round(statistics.mean(s["stages"][stage] for s in studies), 3) for stage in STAGES if stage in ran},
         "stage_median_s_queue_included": {
-            stage: round(statistics.median(s["stages"][stage] for s in studies), 3) for stage in ("infer", "encode", "deliver")},
+            stage: round(statistics.median(s["stages"][stage] for s in studies), 3) for stage in STAGES if stage in ran},
         "outputs": {kind: {"count": len(sizes), "mean_bytes": int(statistics.mean(sizes))} for kind, sizes in sorted(kinds.items())},
     }
 
@@ -315,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
             # Burst: every study in one association.
             uids = [study_uid(p) for p in burst_files]
             metrics_before = stage_metrics(node)
+            cpu_before = cpu_seconds(node.proc.pid), cpu_seconds(pacs.proc.pid)
             pushed_at = time.time()
             proc = dcmsend(node.dicom_port, *burst_files)
             assert proc.returncode == 0, proc.stderr[-2000:]
             wait_until(lambda: delivered(node, clock, uids), 900, interval=0.25, what="burst delivered")
+            cpu_after = cpu_seconds(node.proc.pid), cpu_seconds(pacs.proc.pid)
             burst_studies = per_study(node, clock, uids, args.stable_seconds)
             metrics_burst = stage_metrics(node)
             first_window_end = min(s["window_end"] for s in burst_studies)
@@ -333,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
                 "push_seconds": round(max(s["window_end"] for s in burst_studies) - args.stable_seconds - pushed_at, 2),
                 **summarise(burst_studies),
                 "stage_run_mean_s": stage_run_means(metrics_before, metrics_burst),
+                # Where the 2 cores went, per study: the node (receiving, scoring,
+                # drawing, sending) and Orthanc (storing the outputs), against the
+                # bare loop's per image.
+                "cpu_core_seconds_per_study": {"node": round((cpu_after[0] - cpu_before[0]) / n, 3),
+                                               "orthanc": round((cpu_after[1] - cpu_before[1]) / n, 3)},
             }
             print(f"burst: {burst['studies_per_s']} studies/s ({burst['ratio_to_bare_loop']}x)", file=sys.stderr)
 

@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="run the node (DICOM SCP, pipeline, HTTP API)")
     serve.add_argument("--role", default="all", choices=ROLES,
-                       help="receiver: DICOM SCP, intake and study completion; worker: infer/encode/deliver jobs "
+                       help="receiver: DICOM SCP, intake and study completion; worker: infer/encode/capture/deliver jobs "
                             "with the model; api: HTTP, UI, FHIR, DICOMweb; all: everything in one process "
                             "(default). Every role serves /healthz, /readyz and /metrics on api.port")
     serve.set_defaults(func=cmd_serve)

@@ -13,14 +13,18 @@ with skewed clocks agree; the local clock on SQLite.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import and_, case, exists, not_, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from node.db import Database, Job, JobError, server_now
-from node.states import JobState, Stage
+from node.states import DELIVERY_STAGES, JobState, Stage
+
+_DeliveryRow = Any  # a Job, or a row selecting its stage, destination, study_version and state
 
 STAGES = tuple(Stage)
 # Claim order: a study's later stage before another study's earlier one, so a
@@ -28,7 +32,15 @@ STAGES = tuple(Stage)
 # after one study's work, not after every study's inference). Within a stage,
 # oldest first. Work cannot starve: later stages exist only for studies
 # already started.
-_STAGE_FIRST = case({Stage.DELIVER: 0, Stage.ENCODE: 1}, value=Job.stage, else_=2)
+_STAGE_FIRST = case({Stage.DELIVER: 0, Stage.DELIVER_SC: 0, Stage.ENCODE: 1, Stage.CAPTURE: 1}, value=Job.stage, else_=2)
+
+# A deliver-sc job is queued with the report's deliveries (so every view shows
+# a destination's delivery as unfinished until the SCs reached it too) but
+# waits for its version's capture: runnable once that job is done.
+_capture = aliased(Job)
+_WAITS_FOR_CAPTURE = and_(Job.stage == Stage.DELIVER_SC, exists().where(
+    _capture.study_id == Job.study_id, _capture.study_version == Job.study_version,
+    _capture.stage == Stage.CAPTURE, _capture.state != JobState.DONE))
 
 
 class StageError(Exception):
@@ -89,14 +101,14 @@ def enqueue(session: Session, study_id: int, stage: Stage, version: int, destina
 
 
 def claim(db: Database, owner: str, lease_seconds: float, stages: tuple[Stage, ...] = STAGES) -> Job | None:
-    """Take the next runnable job (pending, or running with an expired lease):
-    the latest stage first, then the oldest."""
+    """Take the next runnable job (pending, or running with an expired lease;
+    a deliver-sc only after its capture): the latest stage first, then the oldest."""
     with db.session() as s:
         t = server_now(s)
-        runnable = or_(
+        runnable = and_(or_(
             and_(Job.state == JobState.PENDING, Job.run_after <= t),
             and_(Job.state == JobState.RUNNING, Job.lease_until < t),  # its worker died
-        )
+        ), not_(_WAITS_FOR_CAPTURE))
         candidate = s.scalars(
             select(Job)
             .where(runnable, Job.stage.in_(stages))
@@ -188,6 +200,16 @@ def fail(db: Database, job: Job, error: str, *, retryable: bool, max_attempts: i
     return values["state"]
 
 
+def fail_waiting_deliveries(session: Session, job: Job, error: str) -> None:
+    """A capture job went dead-letter: the SC deliveries waiting for it go with
+    it (`carina jobs retry` re-queues them together)."""
+    session.execute(
+        update(Job).where(Job.study_id == job.study_id, Job.study_version == job.study_version,
+                          Job.stage == Stage.DELIVER_SC, Job.state == JobState.PENDING)
+        .values(state=JobState.DEAD, finished_at=server_now(session), last_error=f"capture failed: {error}"[:4000])
+        .execution_options(synchronize_session=False))
+
+
 def release(db: Database, job: Job) -> bool:
     """Give a running job back at once (graceful shutdown, lost heartbeat):
     pending, runnable now, and the attempt it was charged is returned, so
@@ -225,3 +247,28 @@ def requeue_dead(db: Database, job_ids: list[int] | None = None, *, destination:
                         retry_since=None)
             .execution_options(synchronize_session=False)
         ).rowcount
+
+
+# A destination's delivery is as far as its least advanced job.
+_LEAST_ADVANCED_FIRST = {JobState.DEAD: 0, JobState.RUNNING: 1, JobState.PENDING: 2, JobState.DONE: 3}
+
+
+def delivery_per_destination(jobs: Iterable[_DeliveryRow]) -> dict[str, _DeliveryRow]:
+    """Each destination's delivery of a study, for every view that shows deliveries.
+
+    `jobs` are one study's jobs (Job rows or selected rows with `stage`,
+    `destination`, `study_version` and `state`). Per destination, of the newest
+    version it has jobs for, the least advanced of its `deliver` and
+    `deliver-sc` jobs stands for both: a dead one first, then running,
+    pending, done; so "done" means every object of that version reached it."""
+    newest: dict[str, list] = {}
+    for job in jobs:
+        if job.stage not in DELIVERY_STAGES:
+            continue
+        held = newest.get(job.destination)
+        if held is None or job.study_version > held[0].study_version:
+            newest[job.destination] = [job]
+        elif job.study_version == held[0].study_version:
+            held.append(job)
+    return {destination: min(held, key=lambda j: _LEAST_ADVANCED_FIRST[JobState(j.state)])
+            for destination, held in sorted(newest.items())}

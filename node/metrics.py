@@ -56,8 +56,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_seconds = Histogram("carina_inference_batch_seconds", "Forward pass (plus CAMs) time per batch",
                                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.deliveries = Counter("carina_deliveries", "Delivery attempts by destination and outcome "
-                                  "(delivered, retry, dead)", ["destination", "outcome"], registry=r)
+        self.deliveries = Counter("carina_deliveries", "Delivery attempts by destination, stage (deliver: the "
+                                  "report's objects or message; deliver-sc: the SCs) and outcome (delivered, retry, dead)",
+                                  ["destination", "stage", "outcome"], registry=r)
         self.purged = Counter("carina_retention_purged", "Rows and files removed by retention, by kind",
                               ["kind"], registry=r)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from node.db import Database, Instance, Job, Result, Study, server_now
-from node.states import JobState, Stage
+from node.states import DELIVERY_STAGES, JobState, Stage
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def throughput(db: Database, window_seconds: float) -> Throughput:
         received = s.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= since))
         scored = s.scalar(select(func.count()).select_from(Result).where(Result.created_at >= since))
         delivered = dict(s.execute(
-            select(Job.state, func.count()).where(Job.stage == Stage.DELIVER, Job.finished_at >= since,
+            select(Job.state, func.count()).where(Job.stage.in_(DELIVERY_STAGES), Job.finished_at >= since,
                                                   Job.state.in_([JobState.DONE, JobState.DEAD]))
             .group_by(Job.state)).all())
     return Throughput(window_seconds, received or 0, scored or 0, delivered.get(JobState.DONE, 0),

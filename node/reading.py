@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 from inference.types import CHESTXRAY14, Finding
 from node import feedback, results
 from node.db import Job, Output, Result, Study, StudyTriage
+from node.jobs import delivery_per_destination
 from node.scored_study import ScoredStudy
-from node.states import Stage
+from node.states import DELIVERY_STAGES
 from node.worklist import display_date, person_name
 
 
@@ -132,11 +133,10 @@ def load(session: Session, study_id: int, version: int | None, user: str) -> Stu
     outputs = session.scalars(select(Output).where(Output.study_id == study_id, Output.version == shown)
                               .order_by(Output.kind, Output.id)).all()
     reading.outputs = [{"id": o.id, "kind": o.kind, "sop_instance_uid": o.sop_instance_uid} for o in outputs]
-    newest: dict[str, Job] = {}
-    for job in session.scalars(select(Job).where(Job.study_id == study_id, Job.stage == Stage.DELIVER).order_by(Job.id)):
-        newest[job.destination] = job
+    newest = delivery_per_destination(
+        session.scalars(select(Job).where(Job.study_id == study_id, Job.stage.in_(DELIVERY_STAGES))))
     reading.deliveries = [{"destination": d, "state": j.state, "attempts": j.attempts, "version": j.study_version,
-                           "last_error": j.last_error or ""} for d, j in sorted(newest.items())]
+                           "last_error": j.last_error or ""} for d, j in newest.items()]
     for view in feedback.list_for_study(session, study_id, shown):
         key = (view.sop_instance_uid, view.label)
         if view.user == user:

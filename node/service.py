@@ -11,7 +11,7 @@ volume); `all` (the default) is the single-process node:
   receivers may run: completion claims quiet studies with FOR UPDATE SKIP
   LOCKED and the purge re-checks each study under its row lock, so each
   study is completed and purged once whichever replica gets it.
-- `worker`: the infer, encode and deliver jobs, with the warm model; jobs are
+- `worker`: the infer, encode, capture and deliver jobs, with the warm model; jobs are
   claimed under leases (node/jobs.py), so any number of workers share the
   queue and a dead one's job is taken over when its lease expires.
 - `api`: HTTP: the reading app, operator API, FHIR, DICOMweb (STOW-RS intake

@@ -6,7 +6,7 @@ prepared inputs (inference/batcher.py `predict_with_shadow`). The infer stage
 hands the candidate's answers to `store`, in the same transaction as the
 active model's result, into their own table (`shadow_results`, keyed by
 study version, image and shadow model). Nothing reads that table but this
-module: the encode and deliver stages never see it, so no SR, SC, FHIR
+module: the encode, capture and deliver stages never see it, so no SR, SC, FHIR
 resource or HL7 message ever carries a shadow result.
 
 `summary` compares the two per pathology over each study's latest scored

@@ -37,8 +37,15 @@ class JobState(StrEnum):
 
 class Stage(StrEnum):
     INFER = "infer"
-    ENCODE = "encode"
-    DELIVER = "deliver"
+    ENCODE = "encode"  # the report: SR, GSPS, SEG, PDF, FHIR (node/pipeline/encode.py)
+    CAPTURE = "capture"  # the heatmap SCs, drawn while the report is delivered (node/pipeline/capture.py)
+    DELIVER = "deliver"  # the report's objects (or FHIR, HL7) to one destination
+    DELIVER_SC = "deliver-sc"  # the SCs to one DICOM or DICOMweb destination
+
+
+# The stages that send to a destination (Job.destination is set): one
+# "delivery" per destination in every view that shows deliveries.
+DELIVERY_STAGES = (Stage.DELIVER, Stage.DELIVER_SC)
 
 
 class OutputKind(StrEnum):

@@ -31,15 +31,16 @@ from sqlalchemy.orm import Session
 
 from node.context import NodeContext
 from node.db import Job, Study
-from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, release, settle_in, succeed
+from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, fail_waiting_deliveries, release, settle_in, succeed
 from node.lease import Heartbeat, stop_renewing
 from node.logs import bind_context, log_context
-from node.pipeline import conclude, deliver, encode, infer
-from node.states import JobState, Stage, StudyState
+from node.pipeline import capture, conclude, deliver, encode, infer
+from node.states import DELIVERY_STAGES, JobState, Stage, StudyState
 
 log = logging.getLogger(__name__)
 
-STAGES = {Stage.INFER: infer, Stage.ENCODE: encode, Stage.DELIVER: deliver}
+STAGES = {Stage.INFER: infer, Stage.ENCODE: encode, Stage.CAPTURE: capture,
+          Stage.DELIVER: deliver, Stage.DELIVER_SC: deliver}
 
 
 def current_study(session: Session, job: Job) -> Study | None:
@@ -69,8 +70,8 @@ def run_stage(ctx: NodeContext, job: Job) -> None:
 
 def backoff_for(ctx: NodeContext, job: Job) -> Backoff:
     """Deliveries retry on the (per-destination) delivery policy, by time;
-    infer and encode on the pipeline's, by attempts."""
-    if job.stage == Stage.DELIVER:
+    infer, encode and capture on the pipeline's, by attempts."""
+    if job.stage in DELIVERY_STAGES:
         policy = ctx.settings.retry_policy(job.destination)
         return Backoff(policy.base_seconds, policy.max_seconds, give_up_after=policy.give_up_after_seconds)
     p = ctx.settings.pipeline
@@ -121,8 +122,8 @@ def _run_claimed(ctx: NodeContext, job: Job) -> None:
             outcome = "lease_lost"
             log.warning("job %d finished after its lease was taken over; outcome left to the new owner", job.id)
     ctx.metrics.stage_seconds.labels(job.stage, outcome).observe(time.perf_counter() - started)
-    if job.stage == Stage.DELIVER and outcome != "lease_lost":
-        ctx.metrics.deliveries.labels(job.destination, "delivered" if outcome == "done" else outcome).inc()
+    if job.stage in DELIVERY_STAGES and outcome != "lease_lost":
+        ctx.metrics.deliveries.labels(job.destination, job.stage, "delivered" if outcome == "done" else outcome).inc()
 
 
 def _settle_failure(ctx: NodeContext, job: Job, error: str, detail: str, *, retryable: bool, backoff: Backoff) -> str:
@@ -134,8 +135,10 @@ def _settle_failure(ctx: NodeContext, job: Job, error: str, detail: str, *, retr
         return "lease_lost"
     log.warning("job %d (%s%s) attempt %d failed -> %s: %s", job.id, job.stage,
                 f" to {job.destination}" if job.destination else "", job.attempts, state, error)
-    if state == JobState.DEAD and job.stage in (Stage.INFER, Stage.ENCODE):
+    if state == JobState.DEAD and job.stage in (Stage.INFER, Stage.ENCODE, Stage.CAPTURE):
         with ctx.db.session() as s:
+            if job.stage == Stage.CAPTURE:
+                fail_waiting_deliveries(s, job, error)
             study = current_study(s, job)
             if study is not None:
                 conclude(study, StudyState.FAILED, f"{job.stage}: {error}")

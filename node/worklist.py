@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session
 
 from inference.types import CHESTXRAY14
 from node.db import Job, Result, Study, StudyTriage
+from node.jobs import delivery_per_destination
 from node.scored_study import ScoredStudy
-from node.states import JobState, Priority, Stage, StudyState
+from node.states import DELIVERY_STAGES, JobState, Priority, StudyState
 
 SCAN_LIMIT = 2000  # studies examined at most for one worklist (the finding filter reads results)
 PAGE = 200
@@ -194,13 +195,14 @@ def _latest_results(session: Session, study_ids: list[int]) -> dict[int, str]:
 
 
 def _deliveries(session: Session, study_ids: list[int]) -> dict[int, tuple[Delivery, ...]]:
-    """Each study's newest delivery job per destination (the newest version wins)."""
-    newest: dict[int, dict[str, str]] = {}
-    rows = session.execute(select(Job.study_id, Job.destination, Job.state)
-                           .where(and_(Job.study_id.in_(study_ids), Job.stage == Stage.DELIVER)).order_by(Job.id))
-    for study_id, destination, state in rows:
-        newest.setdefault(study_id, {})[destination] = state
-    return {study_id: tuple(Delivery(d, s) for d, s in sorted(by_dest.items())) for study_id, by_dest in newest.items()}
+    """Each study's delivery per destination (node/jobs.py `delivery_per_destination`)."""
+    by_study: dict[int, list] = {}
+    rows = session.execute(select(Job.study_id, Job.stage, Job.destination, Job.study_version, Job.state)
+                           .where(and_(Job.study_id.in_(study_ids), Job.stage.in_(DELIVERY_STAGES))))
+    for row in rows:
+        by_study.setdefault(row.study_id, []).append(row)
+    return {study_id: tuple(Delivery(d, j.state) for d, j in delivery_per_destination(jobs).items())
+            for study_id, jobs in by_study.items()}
 
 
 def rows(session: Session, filters: Filters) -> list[Row]:

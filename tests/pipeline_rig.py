@@ -22,9 +22,9 @@ from node import triage
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Database, Instance, Job, Study, now
-from node.jobs import enqueue
+from node.jobs import delivery_per_destination, enqueue
 from node.pipeline import infer
-from node.states import InstanceState, Stage, StudyState
+from node.states import DELIVERY_STAGES, InstanceState, OutputKind, Stage, StudyState
 from node.worker import run_one
 
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
@@ -114,38 +114,45 @@ class PipelineRig:
             infer.settle(self.ctx, s, s.get(Study, study_id), infer.Inferred(assessed, scored))
 
     def encode(self, study_id: int, timeout: float = 60.0) -> None:
-        """Run the real encode stage, claimed by the real worker, for the study's current
-        version; it stores the outputs and FHIR resources and enqueues the deliver jobs."""
+        """Run the real encode stage, and the capture stage it queues when SCs are
+        among the kinds, claimed by the real worker, for the study's current version;
+        they store the outputs and FHIR resources and enqueue the deliver jobs."""
         with self.db.session() as s:
             version = s.get(Study, study_id).version
             enqueue(s, study_id, Stage.ENCODE, version)
+        stages = {Stage.ENCODE, Stage.CAPTURE} if OutputKind.SC in self.ctx.settings.outputs.kinds else {Stage.ENCODE}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.db.session() as s:
-                job = s.scalar(select(Job).where(Job.study_id == study_id, Job.stage == Stage.ENCODE,
-                                                 Job.study_version == version))
-                state, error = job.state, job.last_error
-            if state in ("done", "dead"):
-                assert state == "done", error
+                jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.study_version == version,
+                                                   Job.stage.in_(stages))).all()
+                states = {job.stage: (job.state, job.last_error) for job in jobs}
+            assert all(state != "dead" for state, _ in states.values()), states
+            if set(states) == stages and all(state == "done" for state, _ in states.values()):
                 return
             run_one(self.ctx, "test-worker")
-        raise AssertionError("encode did not finish")
+        raise AssertionError(f"encode did not finish: {states}")
 
-    def deliveries(self, study_id: int) -> dict[str, Job]:
-        """Latest deliver job per destination."""
+    def delivery_jobs(self, study_id: int) -> list[Job]:
+        """The study's deliver and deliver-sc jobs, every destination and version."""
         with self.db.session() as s:
-            jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.stage == Stage.DELIVER).order_by(Job.id)).all()
+            jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.stage.in_(DELIVERY_STAGES))).all()
             for job in jobs:
                 s.expunge(job)
-        return {job.destination: job for job in jobs}
+        return list(jobs)
+
+    def deliveries(self, study_id: int) -> dict[str, Job]:
+        """Each destination's delivery (node/jobs.py `delivery_per_destination`: the
+        least advanced of its deliver and deliver-sc jobs of the newest version)."""
+        return delivery_per_destination(self.delivery_jobs(study_id))
 
     def run_deliveries(self, study_id: int, timeout: float = 30.0) -> dict[str, Job]:
-        """Run the worker until every deliver job of the study is done or dead."""
+        """Run the worker until every deliver and deliver-sc job of the study is done or dead."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            jobs = self.deliveries(study_id)
-            if jobs and all(j.state in ("done", "dead") for j in jobs.values()):
-                return jobs
+            jobs = self.delivery_jobs(study_id)
+            if jobs and all(j.state in ("done", "dead") for j in jobs):
+                return self.deliveries(study_id)
             if not run_one(self.ctx, "test-worker"):
                 time.sleep(0.05)  # a retry is waiting for its backoff
         raise AssertionError(f"deliveries not settled after {timeout}s: "

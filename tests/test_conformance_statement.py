@@ -38,6 +38,7 @@ from pipeline_rig import PipelineRig
 
 STATEMENT = Path(__file__).resolve().parent.parent / "docs" / "conformance-statement.md"
 VERIFICATION = "1.2.840.10008.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 # Classes and syntaxes the statement does not list, which must be refused.
 UNLISTED_CLASSES = ("1.2.826.0.1.3680043.10.1249.99.1",  # private
                     "1.2.840.10008.5.1.4.1.1.999",         # not a storage class
@@ -315,14 +316,17 @@ def test_scu_proposes_and_sends_what_the_statement_lists(tmp_path, recording_pac
         assert jobs["pacs"].state == "done", jobs["pacs"].last_error
     finally:
         rig.close()
-    # One association for the study version, proposing the statement's contexts.
-    [proposal] = recording_pacs.proposals
+    # Two associations for the study version (the report's objects, then the SCs),
+    # proposing between them the statement's contexts, each context once.
     expected = {uid: syntaxes for uid, syntaxes in scu_contexts().items() if uid != VERIFICATION}
-    assert dict(proposal) == expected and len(proposal) == len(expected)
-    [(class_uid, version_name, max_pdu)] = recording_pacs.requestors
+    report, captures = recording_pacs.proposals
+    assert set(dict(captures)) == {SECONDARY_CAPTURE} and SECONDARY_CAPTURE not in dict(report)
+    assert dict(report) | dict(captures) == expected and len(report) + len(captures) == len(expected)
     identity = implementation()
-    assert (class_uid, version_name) == (identity["Implementation Class UID"], identity["Implementation Version Name"])
-    assert max_pdu == advertised(limits()["Maximum PDU length received (SCU, advertised)"])
+    assert len(recording_pacs.requestors) == 2
+    for class_uid, version_name, max_pdu in recording_pacs.requestors:
+        assert (class_uid, version_name) == (identity["Implementation Class UID"], identity["Implementation Version Name"])
+        assert max_pdu == advertised(limits()["Maximum PDU length received (SCU, advertised)"])
     # What arrived: the created-objects table (class, series, modality), sent as Explicit VR LE.
     objects = {r["SOP Class UID"]: r for r in table("created-objects")}
     assert set(objects) == set(expected)

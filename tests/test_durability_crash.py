@@ -58,13 +58,13 @@ log = logging.getLogger(__name__)
 
 SEED = int(os.environ.get("CARINA_CRASH_SEED", "20261121"))
 STUDIES = 50
-STAGES = ("store", "infer", "encode", "deliver")
+STAGES = ("store", "infer", "encode", "capture", "deliver", "deliver-sc")
 # One kill per entry. "store" kills right after storescu sends its C-STORE
 # request (mid-transfer, mid-commit, or between the commit and the response);
 # a stage name kills while a job of that stage runs; "random" kills at a
 # random moment, sometimes while the node is still starting. Both "store"
 # kills come early, while studies are still being pushed.
-KILL_PLAN = ("store", "infer", "store", "deliver", "encode", "random")
+KILL_PLAN = ("store", "infer", "store", "deliver", "encode", "capture", "deliver-sc", "random")
 TRIES = 4  # a targeted kill that missed its stage is aimed again, up to this many times
 RESERVE = 12  # studies the killer may feed when the pipeline has drained before a planned kill
 CARINA_AE = "CARINA"  # the node's calling AE towards the PACS
@@ -371,7 +371,7 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
         if view["version"] != 1:
             duplicates.append(f"study {study_uid}: processed as version {view['version']}")
         per_stage = Counter(stage for stage, *_ in jobs[study_uid])
-        for stage in ("infer", "encode", "deliver"):
+        for stage in STAGES[1:]:
             if per_stage[stage] < 1:
                 losses.append(f"study {study_uid}: no {stage} job")
             elif per_stage[stage] > 1:
@@ -392,15 +392,18 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
             copy = pacs.download(held[uid], work / "from-pacs.dcm")
             if dcmread(copy) != dcmread(produced[uid][1]):
                 changed.append(f"study {study_uid}: PACS copy of {uid} differs from Carina's output")
+        runs = {stage: a for stage, _, _, a in jobs[study_uid]}
         for uid in produced:
             copies = received.get(uid, [])
             if any(tags != copies[0] for tags in copies[1:]):
                 changed.append(f"study {study_uid}: {uid} re-sent with different content")
-            resends[study_uid] += max(0, len(copies) - 1)
-        # A re-send repeats only uncommitted work: its delivery job was interrupted and claimed again.
-        deliver_attempts = max((a for stage, _, _, a in jobs[study_uid] if stage == "deliver"), default=0)
-        if resends[study_uid] and deliver_attempts < 2:
-            duplicates.append(f"study {study_uid}: {resends[study_uid]} re-sends by a delivery that ran once")
+            repeats = max(0, len(copies) - 1)
+            resends[study_uid] += repeats
+            # A re-send repeats only uncommitted work: its delivery job (the SCs' own
+            # for an SC) was interrupted and claimed again.
+            stage = "deliver-sc" if produced[uid][0] == "sc" else "deliver"
+            if repeats and runs.get(stage, 0) < 2:
+                duplicates.append(f"study {study_uid}: {uid} re-sent {repeats}x by a {stage} job that ran once")
     stray = [uid for uid in received if not any(uid in produced for produced in outputs.values())]
     duplicates.extend(f"PACS received {uid}, which is no output of Carina" for uid in stray)
 
@@ -479,5 +482,5 @@ def test_sigkill_in_every_stage_loses_nothing_and_duplicates_nothing(crash_rig):
         view = study_state(node, study_uid)
         assert view["state"] == "done" and view["version"] == 1, view
         assert {i["state"] for i in view["instances"]} == {"scored"}, view["instances"]
-    assert len(carina_db_rows(node, "SELECT id FROM jobs")) == jobs_before + 3  # the barrier's infer, encode, deliver
+    assert len(carina_db_rows(node, "SELECT id FROM jobs")) == jobs_before + 5  # the barrier's infer, encode, capture, deliver, deliver-sc
     assert {r["study"] for r in pacs.receptions()[receptions_before:]} == {barrier[0]}

@@ -76,11 +76,13 @@ def test_metrics_move_by_the_push_and_logs_are_json_without_phi(tmp_path):
         assert delta("carina_received_bytes_total") == sizes
         assert delta("carina_instances_rejected_total", reason="missing_study_uid") == 1
         assert delta("carina_associations_total") == 3
-        for stage in ("infer", "encode", "deliver"):
+        for stage in ("infer", "encode", "capture", "deliver", "deliver-sc"):
             assert delta("carina_stage_duration_seconds_count", stage=stage, outcome="done") == 3, stage
-        assert delta("carina_deliveries_total", destination="pacs", outcome="delivered") == 3
+        for stage in ("deliver", "deliver-sc"):
+            assert delta("carina_deliveries_total", destination="pacs", stage=stage, outcome="delivered") == 3, stage
         assert delta("carina_studies", state="done") == 3
         assert delta("carina_queue_depth", stage="deliver", state="done") == 3
+        assert delta("carina_queue_depth", stage="deliver-sc", state="done") == 3
         assert delta("carina_inference_batch_size_sum") == 3  # three images, whatever the batching
         assert delta("carina_inference_batch_seconds_count") == delta("carina_inference_batch_size_count") >= 1
         model = [labels for (name, labels), v in after.items() if name == "carina_model_info" and v == 1]

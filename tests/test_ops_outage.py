@@ -116,30 +116,33 @@ def test_two_hour_outage_then_past_the_horizon(tmp_path):
         archive.stop()
         second = push(node, tmp_path, 6, 3)
         wait_until(lambda: len(deliveries(node, second, "archive")) == 3
-                   and all(d["state"] == "dead" for d in deliveries(node, second, "archive")),
-                   120, interval=0.3, what="the archive deliveries dead-lettered past the horizon")
+                   and all(d["state"] == "dead" for d in deliveries(node, second, "archive"))
+                   and carina_db_rows(node, "SELECT COUNT(*) FROM jobs WHERE destination = 'archive' AND state = 'dead'")[0][0] == 6,
+                   120, interval=0.3, what="the archive deliveries (the report's and the SCs') dead-lettered past the horizon")
         assert all(d["state"] == "done" for d in deliveries(node, second, "pacs"))
         code, body = readyz(node)
         assert (code, body["status"], body["checks"]["dead_letters"]) == (503, "degraded", False), body
-        assert body["dead_letters"]["by_destination"] == {"archive": 3}
-        assert metric(node, "carina_dead_letter_jobs", destination="archive", stage="deliver") == 3
-        assert metric(node, "carina_deliveries_total", destination="archive", outcome="dead") == 3
+        # Each study's two deliveries to the archive (the report's objects, the SCs) are dead.
+        assert body["dead_letters"]["by_destination"] == {"archive": 6}
+        for stage in ("deliver", "deliver-sc"):
+            assert metric(node, "carina_dead_letter_jobs", destination="archive", stage=stage) == 3
+            assert metric(node, "carina_deliveries_total", destination="archive", stage=stage, outcome="dead") == 3
         listed = http_json(f"{node.url}/api/v1/admin/dead-letters", token=admin)["dead_letters"]
-        assert sorted(d["study_instance_uid"] for d in listed) == sorted(second)
+        assert sorted(d["study_instance_uid"] for d in listed) == sorted(second * 2)
         assert all(d["destination"] == "archive" and "archive" in d["last_error"] for d in listed)
 
         archive.start()
         out = node.carina("jobs", "retry", "--all", "--destination", "archive").stdout
-        assert "re-queued 3 dead-letter job(s)" in out, out
+        assert "re-queued 6 dead-letter job(s)" in out, out
         wait_until(lambda: all(d["state"] == "done" for d in deliveries(node, second, "archive")), 60,
                    interval=0.3, what="the re-queued archive deliveries done")
-        assert metric(node, "carina_dead_letter_jobs", destination="archive", stage="deliver") == 0
+        assert metric(node, "carina_dead_letter_jobs", destination="archive") == 0
         wait_until(lambda: readyz(node)[0] == 200, 10, what="/readyz ready again")
         stored = {o["sop_instance_uid"] for uid in second for o in study_state(node, uid)["outputs"]}
         assert stored <= {r["sop"] for r in archive.receptions()}
         print(f"outage: 6 studies through a {OUTAGE:.0f} s (2 h scaled) PACS outage with {min(attempts)}-"
               f"{max(attempts)} attempts each, none dead, drained {drained:.1f} s after it returned; "
-              f"3 archive deliveries dead after the {ARCHIVE_HORIZON:.0f} s horizon, delivered after retry --all")
+              f"3 studies' archive deliveries (6 jobs) dead after the {ARCHIVE_HORIZON:.0f} s horizon, delivered after retry --all")
     finally:
         node.stop()
         pacs.stop()

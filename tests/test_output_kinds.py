@@ -12,8 +12,9 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from node.config import Settings
-from node.db import Job, Output, now
-from node.states import JobState, OutputKind, Stage
+from node.db import Job, Output, Study, now
+from node.jobs import enqueue
+from node.states import DELIVERY_STAGES, JobState, OutputKind, Stage
 from peers import Orthanc, accepts_connections, carina_outputs_in_orthanc, free_port, require_tool, wait_until
 from pipeline_rig import PipelineRig
 
@@ -66,11 +67,14 @@ def test_every_kind_by_default_and_a_redelivery_keeps_one_copy(tmp_path, pacs):
         assert gsps.SOPInstanceUID in evidence
 
         # Delivered again, as after a crash between the send and its settle: the
-        # job's lease runs out, another worker claims it and sends the same
-        # objects, byte for byte; the PACS still holds one copy of each.
+        # jobs' leases (the report's objects, the SCs) run out, another worker
+        # claims them and sends the same objects, byte for byte; the PACS still
+        # holds one copy of each.
         with rig.db.session() as s:
-            job = s.scalar(select(Job).where(Job.study_id == study_id, Job.stage == Stage.DELIVER))
-            job.state, job.lease_until = JobState.RUNNING, now() - 1
+            jobs = s.scalars(select(Job).where(Job.study_id == study_id, Job.stage.in_(DELIVERY_STAGES))).all()
+            assert sorted(job.stage for job in jobs) == [Stage.DELIVER, Stage.DELIVER_SC]
+            for job in jobs:
+                job.state, job.lease_until = JobState.RUNNING, now() - 1
         assert rig.run_deliveries(study_id)["pacs"].state == JobState.DONE
         assert in_pacs(pacs, ds.StudyInstanceUID) == ALL
         received = [r for r in pacs.receptions() if r["study"] == ds.StudyInstanceUID]
@@ -158,3 +162,40 @@ def test_sr_cannot_be_switched_off():
         Settings(outputs={"kinds": ["sc", "seg", "gsps"]})
     with pytest.raises(ValidationError, match="repeated: seg"):
         Settings(outputs={"kinds": ["sr", "seg", "seg"]})
+
+
+def test_the_report_goes_out_before_the_scs_and_a_failed_capture_fails_their_delivery(tmp_path, pacs, monkeypatch):
+    """Encode queues the report's delivery, capture and the SCs' delivery; the SCs'
+    delivery waits for capture. Capture failing for good fails the study and the
+    SCs' delivery with it, while the report's objects are already in the PACS."""
+    import node.pipeline.capture as capture
+    from node.jobs import PermanentError
+    from node.worker import run_one
+
+    def refuse(ctx, work):
+        raise PermanentError("capture refused for the test")
+
+    monkeypatch.setattr(capture, "run", refuse)
+    destination = {"name": "pacs", "type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}
+    rig = PipelineRig(tmp_path, destinations=[destination])
+    try:
+        study_id, ds = rig.add_study(FOUR_POSITIVES)
+        with rig.db.session() as s:
+            enqueue(s, study_id, Stage.ENCODE, 1)
+        ran = 0
+        while run_one(rig.ctx, "test-worker"):  # until nothing is runnable: the SCs' delivery never is
+            ran += 1
+        with rig.db.session() as s:
+            jobs = {j.stage: (j.state, j.last_error) for j in s.scalars(select(Job).where(Job.study_id == study_id))}
+            study = s.get(Study, study_id)
+            state, reason = study.state, study.reason
+        assert ran == 3  # encode, deliver, capture
+        assert jobs[Stage.DELIVER] == (JobState.DONE, "")
+        assert jobs[Stage.CAPTURE][0] == JobState.DEAD
+        assert jobs[Stage.DELIVER_SC][0] == JobState.DEAD
+        assert jobs[Stage.DELIVER_SC][1] == "capture failed: capture refused for the test"
+        assert (state, reason) == ("failed", "capture: capture refused for the test")
+        assert rig.deliveries(study_id)["pacs"].state == JobState.DEAD
+        assert in_pacs(pacs, ds.StudyInstanceUID) == {k: n for k, n in ALL.items() if k != "sc"}
+    finally:
+        rig.close()

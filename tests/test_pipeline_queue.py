@@ -236,8 +236,9 @@ def test_an_idle_worker_is_woken_when_work_is_queued(db, tmp_path):
 
 
 def test_a_later_stage_is_claimed_before_an_older_earlier_one(db):
-    """A burst flows through study by study: another study's encode or deliver
-    goes before an infer queued earlier."""
+    """A burst flows through study by study: another study's encode, capture or
+    deliveries go before an infer queued earlier; deliveries before drawing,
+    but the SCs' delivery only once its capture is done."""
     from node.states import Stage
 
     for sop, uid in (("1.1", "1.2.3"), ("2.1", "2.2.3")):
@@ -245,10 +246,12 @@ def test_a_later_stage_is_claimed_before_an_older_earlier_one(db):
     complete_quiet_studies(db, stable_seconds=0.1, at=now() + 1)  # two infer jobs, oldest first
     with db.session() as s:
         second = s.scalars(select(Study).where(Study.study_uid == "2.2.3")).one()
+        enqueue(s, second.id, Stage.CAPTURE, 1)
+        enqueue(s, second.id, Stage.DELIVER_SC, 1, destination="pacs")
         enqueue(s, second.id, Stage.DELIVER, 1, destination="pacs")
         enqueue(s, second.id, Stage.ENCODE, 1)
     order = []
     while (job := claim(db, "w", 30)) is not None:
         order.append(job.stage)
         succeed(db, job)
-    assert order == ["deliver", "encode", "infer", "infer"]
+    assert order == ["deliver", "capture", "deliver-sc", "encode", "infer", "infer"]

@@ -211,7 +211,7 @@ def test_receiver_two_workers_and_api_on_postgresql_survive_a_worker_sigkill(clu
             problems.append(f"{uid}: {view['state']} v{view['version']}")
             continue
         per_stage = Counter(stage for stage, _, _ in jobs[uid])
-        if per_stage != Counter({"infer": 1, "encode": 1, "deliver": 1}):
+        if per_stage != Counter({"infer": 1, "encode": 1, "capture": 1, "deliver": 1, "deliver-sc": 1}):
             problems.append(f"{uid}: jobs {dict(per_stage)}")
         problems.extend(f"{uid}: {stage} {state}" for stage, _, state in jobs[uid] if state != "done")
         if results[uid] != 1:

@@ -69,10 +69,13 @@ def readiness(node: NodeContext) -> tuple[str, dict]:
         else:
             limit = node.settings.health.dead_letter_max_age_seconds
             dead_ok = not (snap.dead_total and snap.oldest_dead_age > limit)
+            by_destination: dict[str, int] = {}  # a destination's deliver and deliver-sc jobs together
+            for (_, dest), n in sorted(snap.dead_letters.items()):
+                by_destination[dest or "(stage)"] = by_destination.get(dest or "(stage)", 0) + n
             body["dead_letters"] = {
                 "count": snap.dead_total,
                 "oldest_age_seconds": round(snap.oldest_dead_age, 1),
-                "by_destination": {dest or "(stage)": n for (_, dest), n in sorted(snap.dead_letters.items())},
+                "by_destination": by_destination,
             }
     checks["dead_letters"] = dead_ok
     if node.draining:

@@ -10,8 +10,9 @@ from node.api.auth import actor
 from node.api.policy import Permission, require
 from node.audit import events
 from node.db import Instance, Job, Output, Study
+from node.jobs import delivery_per_destination
 from node.scored_study import ScoredStudy
-from node.states import JobState, Stage
+from node.states import JobState
 from node.storage import report_pdf_path
 
 router = APIRouter(prefix="/api/v1", tags=["studies"])
@@ -64,10 +65,7 @@ def study_view(s, study: Study) -> dict:
     jobs = s.scalars(select(Job).where(Job.study_id == study.id).order_by(Job.id)).all()
     instances = s.scalars(select(Instance).where(Instance.study_id == study.id).order_by(Instance.id)).all()
     outputs = s.scalars(select(Output).where(Output.study_id == study.id).order_by(Output.kind.desc(), Output.id)).all()
-    latest = {}
-    for job in jobs:
-        if job.stage == Stage.DELIVER:
-            latest[job.destination] = job  # ordered by id: the newest version wins
+    latest = delivery_per_destination(jobs)
     return {
         "study_instance_uid": study.study_uid,
         "calling_ae": study.calling_ae,

@@ -2,7 +2,8 @@
 
 Each sender module has `load(ctx, session, study, destination) -> Work`,
 reading what it sends from the database (the study's `ScoredStudy` or its
-output files), and `send(ctx, work) -> None`, which raises
+output files; the DICOM and DICOMweb senders take `captures=True` for a
+`deliver-sc` job, which sends the SCs), and `send(ctx, work) -> None`, which raises
 node.jobs.RetryableError or PermanentError; a normal return means delivered.
 """
 from __future__ import annotations

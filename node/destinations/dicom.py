@@ -1,9 +1,10 @@
 """DICOM destinations: C-STORE a study version's outputs into the PACS.
 
-Every object the encode stage wrote for the version goes (the kinds
-`outputs.kinds` named then), the SR first; the association proposes each
-object's SOP class (SR, SC, SEG, GSPS), so a PACS that refuses one says so
-per class.
+A `deliver` job sends every object the encode stage wrote for the version
+(the kinds `outputs.kinds` named then, the SCs aside), the SR first; a
+`deliver-sc` job sends the SCs the capture stage drew. Each association
+proposes its objects' SOP classes (SR, SC, SEG, GSPS, PDF), so a PACS that
+refuses one says so per class.
 """
 from __future__ import annotations
 
@@ -41,10 +42,13 @@ class DicomDelivery:
     paths: tuple[Path, ...]  # the SR first, then the other objects in encode order
 
 
-def load(ctx: NodeContext, session: Session, study: Study, destination: DicomDestination) -> DicomDelivery:
+def load(ctx: NodeContext, session: Session, study: Study, destination: DicomDestination,
+         captures: bool = False) -> DicomDelivery:
+    """The report's objects, or with `captures` the SCs, of the study's current version."""
+    wave = (Output.kind == OutputKind.SC) if captures else (Output.kind != OutputKind.SC)
     rows = session.execute(
         select(Output.kind, Output.path)
-        .where(Output.study_id == study.id, Output.version == study.version)
+        .where(Output.study_id == study.id, Output.version == study.version, wave)
         .order_by(Output.id)
     ).all()
     paths = [Path(path) for kind, path in rows if kind == OutputKind.SR]

@@ -1,7 +1,8 @@
 """DICOMweb destinations: STOW-RS a study version's outputs to a PACS or cloud archive.
 
 The same objects as a DICOM destination (node/destinations/dicom.py `load`:
-every kind `outputs.kinds` named, the SR first), POSTed in one
+the report's objects, the SR first, in a `deliver` job; the SCs in a
+`deliver-sc` job), POSTed in one
 multipart/related; type="application/dicom" request to
 `<base_url>/studies/<StudyInstanceUID>`, streamed from the files. The
 credentials come from the environment variables the configuration names, as
@@ -47,8 +48,9 @@ class DicomWebDelivery:
     paths: tuple[Path, ...]
 
 
-def load(ctx: NodeContext, session: Session, study: Study, destination: DicomWebDestination) -> DicomWebDelivery:
-    objects = dimse.load(ctx, session, study, destination)  # the same objects, in the same order
+def load(ctx: NodeContext, session: Session, study: Study, destination: DicomWebDestination,
+         captures: bool = False) -> DicomWebDelivery:
+    objects = dimse.load(ctx, session, study, destination, captures)  # the same objects, in the same order
     return DicomWebDelivery(destination, study.study_uid, study.version, objects.paths)
 
 

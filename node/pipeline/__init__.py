@@ -8,8 +8,14 @@ worker (node/worker.py) for one claimed job of the study's current version:
 The typed values between them are the data flow a reader can follow:
 
     infer:   InferWork (candidate instances)  -> Inferred (ScoredStudy + instance verdicts)
-    encode:  EncodeWork (ScoredStudy, files)  -> Encoded (DICOM objects + FHIR resources)
+    encode:  EncodeWork (ScoredStudy, files)  -> Encoded (SR, GSPS, SEG, PDF + FHIR resources)
+    capture: CaptureWork (ScoredStudy, files) -> Captured (heatmap SCs)
     deliver: a sender's work (ScoredStudy or output files, one destination) -> delivered / error
+
+Encode queues the report's deliveries (`deliver`), capture and the SCs'
+deliveries (`deliver-sc`, which wait for capture: node/jobs.py) together, so
+the SR, FHIR and HL7 go out while the SCs are drawn; capture concludes the
+study. With two workers the SR's C-STORE and the drawing overlap.
 
 A crash between stages loses nothing: each stage's outcome is persisted in
 the same transaction that marks its job done, and the next stage reads it back.

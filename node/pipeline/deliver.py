@@ -1,7 +1,9 @@
 """Stage 3: deliver a study version's results to one destination.
 
-One `deliver` job runs per (study version, destination); this stage only
-dispatches on the destination's type to its sender in `node/destinations/`:
+One `deliver` job runs per (study version, destination) once encode has
+written the report, and one `deliver-sc` job per DICOM or DICOMweb
+destination once capture has drawn the SCs; this stage only dispatches on
+the destination's type to its sender in `node/destinations/`:
 
 - `dicom`: C-STORE the DICOM outputs into the PACS;
 - `dicomweb`: STOW-RS the same objects to a DICOMweb archive;
@@ -29,6 +31,8 @@ from node.db import Job, Study
 from node.destinations import SENDERS
 from node.jobs import PermanentError, StageError
 from node.lease import check_lease
+from node.pipeline.objects import OBJECT_DESTINATIONS
+from node.states import Stage
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,13 @@ def load(ctx: NodeContext, session: Session, study: Study, job: Job) -> DeliverW
     sender = SENDERS.get(destination.type)
     if sender is None:
         raise PermanentError(f"destination {destination.name!r}: no sender for type {destination.type!r}")
-    return DeliverWork(sender, sender.load(ctx, session, study, destination), destination, study.study_uid,
-                       study.patient_id)
+    if job.stage == Stage.DELIVER_SC:
+        if destination.type not in OBJECT_DESTINATIONS:
+            raise PermanentError(f"destination {destination.name!r} ({destination.type}) takes no SCs")
+        work = sender.load(ctx, session, study, destination, captures=True)
+    else:
+        work = sender.load(ctx, session, study, destination)
+    return DeliverWork(sender, work, destination, study.study_uid, study.patient_id)
 
 
 def run(ctx: NodeContext, work: DeliverWork) -> None:
