@@ -1,6 +1,7 @@
 """The floor for any receiver built on pynetdicom: a storage SCP with Carina's
 network settings (chunked streaming of each dataset to a temp file, the same
-maximum PDU, TCP_NODELAY, every storage SOP class in Explicit and Implicit VR
+maximum PDU, TCP_NODELAY and the event-driven waits of dicom_scp/sockets.py,
+every storage SOP class in Explicit and Implicit VR
 Little Endian) that only moves the received file into a directory (no fsync,
 no header check, no database) and answers 0x0000.
 
@@ -23,7 +24,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_scp.sockets import NODELAY_HANDLER  # noqa: E402
+from dicom_scp.sockets import LOW_LATENCY_HANDLER  # noqa: E402
 from node.config import DicomSettings  # noqa: E402
 
 _config.STORE_RECV_CHUNKED_DATASET = True  # as dicom_scp/scp.py: each dataset streamed to a temp file
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.start_server(("127.0.0.1", args.port), block=True,
-                    evt_handlers=[NODELAY_HANDLER, (evt.EVT_C_STORE, on_store)])
+                    evt_handlers=[LOW_LATENCY_HANDLER, (evt.EVT_C_STORE, on_store)])
     return 0
 
 

@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stable-seconds", type=float, default=2.0,
                         help="dicom.stable_seconds of the node (latency is measured from the window's end)")
     parser.add_argument("--kinds", default="sr,sc", help="outputs.kinds, comma-separated, or 'all'")
+    parser.add_argument("--workers", type=int, default=None, help="pipeline.workers (default: the node's default)")
     parser.add_argument("--workdir", default=None, help="keep the run's files here (default: a temp dir, removed)")
     parser.add_argument("--results-dir", default=None, help="'' to print only")
     args = parser.parse_args(argv)
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                            "port": pacs.dicom_port}],
             stable_seconds=args.stable_seconds,
             # The node's own defaults for the pipeline (CarinaNode speeds polling and retries up for tests).
-            extra={"pipeline": {"poll_seconds": 0.5, "backoff_base_seconds": 2.0, "backoff_max_seconds": 300.0},
+            extra={"pipeline": {"poll_seconds": 0.5, "backoff_base_seconds": 2.0, "backoff_max_seconds": 300.0,
+                                **({"workers": args.workers} if args.workers else {})},
                    "outputs": {"kinds": kinds, "report_pdf": {"fhir": "pdf" in kinds, "download": "pdf" in kinds}},
                    "inference": {"model_poll_seconds": 2.0}},
         )

@@ -37,7 +37,7 @@ from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES, decodable_transfer_syn
 from dicom_scp.events import AssociationCallback, EventDispatcher
 from dicom_scp.listener import Admission, AdmittingServer, start_listener
 from dicom_scp.peers import PeerPolicy
-from dicom_scp.sockets import NODELAY_HANDLER
+from dicom_scp.sockets import LOW_LATENCY_HANDLER
 from dicom_scp.tls import TlsListener
 from inference.dicom_file import DEFAULT_MAX_INFLATED_BYTES, InflateLimitExceeded, read_header
 
@@ -207,7 +207,7 @@ class StorageSCP:
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         handlers = [
-            NODELAY_HANDLER,
+            LOW_LATENCY_HANDLER,
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_RELEASED, self._on_released),

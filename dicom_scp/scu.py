@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from dicom_scp.sockets import NODELAY_HANDLER
+from dicom_scp.sockets import LOW_LATENCY_HANDLER
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def send_files(
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 
     tls_args = (tls, server_name or host) if tls is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER], tls_args=tls_args)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[LOW_LATENCY_HANDLER], tls_args=tls_args)
     if not assoc.is_established:
         how = "TLS " if tls is not None else ""
         raise SendError(f"{how}association with {called_ae}@{host}:{port} not established")
@@ -104,7 +104,7 @@ def echo(*, calling_ae: str, called_ae: str, host: str, port: int, timeout: floa
     ae.connection_timeout = timeout
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     tls_args = (tls, server_name or host) if tls is not None else None
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER], tls_args=tls_args)
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[LOW_LATENCY_HANDLER], tls_args=tls_args)
     if not assoc.is_established:
         raise SendError(f"association with {called_ae}@{host}:{port} not established")
     try:

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_scp.sockets import NODELAY_HANDLER
+from dicom_scp.sockets import LOW_LATENCY_HANDLER
 from peers import free_port
 
 
@@ -56,7 +56,7 @@ class PacedSender(threading.Thread):
             ae = AE(ae_title=self.calling_ae)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
             ae.add_requested_context(DigitalXRayImageStorageForPresentation, ["1.2.840.10008.1.2.1"])
-            assoc = ae.associate("127.0.0.1", self.port, ae_title="CARINA", evt_handlers=[NODELAY_HANDLER])
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="CARINA", evt_handlers=[LOW_LATENCY_HANDLER])
             assert assoc.is_established, "association not established"
             try:
                 for path in self.files:

@@ -541,7 +541,7 @@ def send_raw(port: int, items: list[tuple[Path, str, str]], *, called_ae: str = 
     that SOP class + syntax, or 'no-response' when the association died."""
     from pynetdicom import AE, _config
 
-    from dicom_scp.sockets import NODELAY_HANDLER
+    from dicom_scp.sockets import LOW_LATENCY_HANDLER
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -557,7 +557,7 @@ def send_raw(port: int, items: list[tuple[Path, str, str]], *, called_ae: str = 
     _config.STORE_SEND_CHUNKED_DATASET = True
     results: list[object] = []
     try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=[NODELAY_HANDLER])
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, evt_handlers=[LOW_LATENCY_HANDLER])
         assert assoc.is_established, f"association with {called_ae} on {port} not established"
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         try:

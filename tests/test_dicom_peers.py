@@ -22,7 +22,7 @@ from pynetdicom import AE
 from dicom_factory import make_dx, small_chest_pixels, write
 from dicom_scp.peers import Peer, PeerPolicy
 from dicom_scp.scp import StorageSCP
-from dicom_scp.sockets import NODELAY_HANDLER
+from dicom_scp.sockets import LOW_LATENCY_HANDLER
 from node.config import Settings
 from node.context import NodeContext
 from node.receiver import Receiver
@@ -205,7 +205,7 @@ def test_association_events_one_when_negotiated_and_one_when_ended(scp_with_even
     c = make_dx(small_chest_pixels(3), patient_id="EV-3")
     ae = AE(ae_title="ABORTER")
     ae.add_requested_context(DX, [EXPLICIT_LE])
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CARINA", evt_handlers=[NODELAY_HANDLER])
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="CARINA", evt_handlers=[LOW_LATENCY_HANDLER])
     assert assoc.is_established and assoc.send_c_store(c).Status == 0
     assoc.abort()
 

@@ -58,7 +58,7 @@ from sqlalchemy import select
 from dicom_factory import SIIM_MONO1, SIIM_MONO2, encoded, make_dx, small_chest_pixels, write, write_raw
 from dicom_scp.contexts import decodable_transfer_syntaxes
 from dicom_scp.scp import StorageSCP
-from dicom_scp.sockets import NODELAY_HANDLER
+from dicom_scp.sockets import LOW_LATENCY_HANDLER
 from node.config import Settings
 from node.context import NodeContext
 from node.db import Instance
@@ -257,7 +257,7 @@ class Target:
 
     def association(self):
         if self.assoc is None or not self.assoc.is_established:
-            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="CARINA", evt_handlers=[NODELAY_HANDLER])
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="CARINA", evt_handlers=[LOW_LATENCY_HANDLER])
             assert self.assoc.is_established, f"{self.name}: association refused"
         return self.assoc
 

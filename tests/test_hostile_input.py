@@ -170,11 +170,11 @@ def control_sender(port: int, work: Path, stop: threading.Event, sent: list, sta
     """Another modality storing good images on its own association all along."""
     from pynetdicom import AE
 
-    from dicom_scp.sockets import NODELAY_HANDLER
+    from dicom_scp.sockets import LOW_LATENCY_HANDLER
 
     ae = AE(ae_title="CONTROL")
     ae.add_requested_context(DX, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="CARINA", evt_handlers=[NODELAY_HANDLER])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CARINA", evt_handlers=[LOW_LATENCY_HANDLER])
     assert assoc.is_established
     try:
         n = 0

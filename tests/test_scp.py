@@ -12,13 +12,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from dicom_scp.scp import StorageSCP
-from dicom_scp.sockets import _set_nodelay
+from dicom_scp.sockets import _low_latency
 from dicom_scp.contexts import decodable_transfer_syntaxes
 from dicom_factory import SIIM_MONO1, make_dx, write
 from node.db import Instance, Study
 from node.receiver import NOT_CHEST, Receiver
 from node.storage import instance_path, safe_path_component
-from peers import free_port, loopback_policy, require_tool, store_responses, storescu
+from peers import free_port, loopback_policy, require_tool, store_responses, storescu, wait_until
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_tcp_nodelay_is_set_on_association_sockets():
         event.assoc = type("A", (), {})()
         event.assoc.dul = type("D", (), {"socket": _Socket(client)})()
         assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-        _set_nodelay(event)
+        _low_latency(event)
         assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         client.close()
@@ -167,3 +167,46 @@ def test_offers_every_decodable_syntax_for_chest_classes():
     for uid in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
                 "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"):
         assert uid in names
+
+
+def test_the_scp_s_associations_wait_for_work_not_for_a_tick(tmp_path, db, monkeypatch):
+    """dicom_scp/sockets.py: each association's DUL and reactor wait on their
+    socket and queues instead of sleeping pynetdicom's 1 ms tick (what that buys
+    is bench/ingest.py's to show); the hooks go when the connection closes, and
+    a thread that is not a hooked reactor still sleeps."""
+    import threading
+    import time
+
+    import pynetdicom.association
+    import pynetdicom.dul
+    from pynetdicom import AE
+
+    from dicom_scp.sockets import _DulTime, _ReactorTime
+
+    assert isinstance(pynetdicom.dul.time, _DulTime) and isinstance(pynetdicom.association.time, _ReactorTime)
+    scp = start_scp(tmp_path, db)
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="CARINA")
+        assert assoc.is_established
+        (served,) = scp._server.active_associations
+        assert served._carina_waits_on_queue and served.dul._carina_wakeup is not None
+        for _ in range(20):  # requests and responses flow through the hooked waits
+            assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        wait_until(lambda: served.dul._carina_wakeup is None, 10, what="the wake-up socket closed with the connection")
+    finally:
+        scp.stop()
+
+    me, real_sleep, calls = threading.current_thread(), time.sleep, []
+    monkeypatch.setattr(time, "sleep", lambda s: calls.append(s) if threading.current_thread() is me else real_sleep(s))
+    pynetdicom.association.time.sleep(0.001)  # not a hooked reactor: it sleeps
+    me._carina_waits_on_queue = True
+    try:
+        pynetdicom.association.time.sleep(0.001)  # a hooked reactor: it waits in get_msg instead
+        pynetdicom.association.time.sleep(0.1)  # any other wait is left alone
+    finally:
+        del me._carina_waits_on_queue
+        monkeypatch.undo()
+    assert calls == [0.001, 0.1]
