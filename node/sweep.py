@@ -205,7 +205,7 @@ def _sweep_outputs(ctx: NodeContext, study_dir: Path, cutoff: float, report: Swe
         known = set(s.scalars(select(Output.path).where(Output.path.in_([str(p) for p in files]))))
     for path in files:
         if str(path) not in known:
-            _quarantine(ctx, path, "encoded output without its row (the encode stage writes it again)", report)
+            _quarantine(ctx, path, "encoded output without its row (the encode or capture stage writes it again)", report)
 
 
 def _quarantine(ctx: NodeContext, path: Path, why: str, report: SweepReport) -> None:

@@ -78,11 +78,12 @@ def backoff_for(ctx: NodeContext, job: Job) -> Backoff:
     return Backoff(p.backoff_base_seconds, p.backoff_max_seconds)
 
 
-def run_one(ctx: NodeContext, owner: str, running: dict | None = None) -> bool:
-    """Claim and run one job; False when there was nothing to do. `running`
-    (owner -> job) lets the pool see what each worker holds at shutdown."""
+def run_one(ctx: NodeContext, owner: str, running: dict | None = None,
+            stages: tuple[Stage, ...] = tuple(Stage)) -> bool:
+    """Claim and run one job of `stages`; False when there was nothing to do.
+    `running` (owner -> job) lets the pool see what each worker holds at shutdown."""
     p = ctx.settings.pipeline
-    job = claim(ctx.db, owner, p.lease_seconds)
+    job = claim(ctx.db, owner, p.lease_seconds, stages)
     if job is None:
         return False
     if running is not None:

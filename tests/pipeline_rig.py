@@ -116,7 +116,8 @@ class PipelineRig:
     def encode(self, study_id: int, timeout: float = 60.0) -> None:
         """Run the real encode stage, and the capture stage it queues when SCs are
         among the kinds, claimed by the real worker, for the study's current version;
-        they store the outputs and FHIR resources and enqueue the deliver jobs."""
+        they store the outputs and FHIR resources and enqueue the deliver jobs,
+        which only `run_deliveries` runs (a test sets its peer up in between)."""
         with self.db.session() as s:
             version = s.get(Study, study_id).version
             enqueue(s, study_id, Stage.ENCODE, version)
@@ -130,7 +131,7 @@ class PipelineRig:
             assert all(state != "dead" for state, _ in states.values()), states
             if set(states) == stages and all(state == "done" for state, _ in states.values()):
                 return
-            run_one(self.ctx, "test-worker")
+            run_one(self.ctx, "test-worker", stages=tuple(stages))  # the deliveries are run_deliveries' to run
         raise AssertionError(f"encode did not finish: {states}")
 
     def delivery_jobs(self, study_id: int) -> list[Job]:
