@@ -235,18 +235,26 @@ def renew(db: Database, job: Job, lease_seconds: float) -> bool:
 def requeue_dead(db: Database, job_ids: list[int] | None = None, *, destination: str | None = None) -> int:
     """Operator action: give dead-letter jobs a fresh set of attempts (and,
     for deliveries, a fresh give-up window): all of them, the given ids, or
-    those of one destination (after a long outage)."""
+    those of one destination (after a long outage). A re-queued SC delivery
+    takes its dead capture along (it has no destination): alone, it would
+    wait for that capture for ever."""
     with db.session() as s:
-        stmt = update(Job).where(Job.state == JobState.DEAD)
+        chosen = [Job.state == JobState.DEAD]
         if job_ids:
-            stmt = stmt.where(Job.id.in_(job_ids))
+            chosen.append(Job.id.in_(job_ids))
         if destination is not None:
-            stmt = stmt.where(Job.destination == destination)
-        return s.execute(
-            stmt.values(state=JobState.PENDING, attempts=0, run_after=server_now(s), lease_owner="", finished_at=None,
-                        retry_since=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            chosen.append(Job.destination == destination)
+        waiting = set(s.execute(select(Job.study_id, Job.study_version).where(*chosen, Job.stage == Stage.DELIVER_SC)))
+        fresh = dict(state=JobState.PENDING, attempts=0, run_after=server_now(s), lease_owner="", finished_at=None,
+                     retry_since=None)
+        count = s.execute(update(Job).where(*chosen).values(**fresh)
+                          .execution_options(synchronize_session=False)).rowcount
+        for study_id, version in waiting:
+            count += s.execute(
+                update(Job).where(Job.state == JobState.DEAD, Job.stage == Stage.CAPTURE, Job.study_id == study_id,
+                                  Job.study_version == version).values(**fresh)
+                .execution_options(synchronize_session=False)).rowcount
+        return count
 
 
 # A destination's delivery is as far as its least advanced job.

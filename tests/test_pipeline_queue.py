@@ -127,6 +127,29 @@ def test_retries_back_off_then_dead_letter_then_requeue(db):
     assert jobs(db)[0].state == "pending" and jobs(db)[0].attempts == 0
 
 
+def test_requeueing_a_dead_sc_delivery_brings_back_the_capture_it_waits_for(db):
+    """`carina jobs retry --destination pacs` after a capture went dead (and its
+    SC delivery with it): both come back, the capture first, or the SC delivery
+    would wait for a dead capture for ever."""
+    from node.states import Stage
+
+    record_instance(db, *stored())
+    study_id = study(db).id
+    with db.session() as s:
+        enqueue(s, study_id, Stage.CAPTURE, 1)
+        enqueue(s, study_id, Stage.DELIVER_SC, 1, destination="pacs")
+        for job in s.scalars(select(Job)):
+            job.state = "dead"
+    assert requeue_dead(db, destination="other") == 0
+    assert requeue_dead(db, destination="pacs") == 2
+    assert {(j.stage, j.state, j.attempts) for j in jobs(db)} == {("capture", "pending", 0), ("deliver-sc", "pending", 0)}
+    order = []
+    while (job := claim(db, "w", 30)) is not None:
+        order.append(job.stage)
+        succeed(db, job)
+    assert order == ["capture", "deliver-sc"]
+
+
 def test_backoff_grows_exponentially_with_a_cap():
     b = Backoff(base=2, cap=60)
     for attempt, step in [(1, 2), (2, 4), (3, 8), (10, 60)]:
