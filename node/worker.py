@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from node.context import NodeContext
 from node.db import Job, Study
+from node.jobs import STAGES as ALL_STAGES
 from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim, fail, fail_waiting_deliveries, release, settle_in, succeed
 from node.lease import Heartbeat, stop_renewing
 from node.logs import bind_context, log_context
@@ -79,7 +80,7 @@ def backoff_for(ctx: NodeContext, job: Job) -> Backoff:
 
 
 def run_one(ctx: NodeContext, owner: str, running: dict | None = None,
-            stages: tuple[Stage, ...] = tuple(Stage)) -> bool:
+            stages: tuple[Stage, ...] = ALL_STAGES) -> bool:
     """Claim and run one job of `stages`; False when there was nothing to do.
     `running` (owner -> job) lets the pool see what each worker holds at shutdown."""
     p = ctx.settings.pipeline

@@ -26,6 +26,7 @@ from node.jobs import delivery_per_destination, enqueue
 from node.pipeline import infer
 from node.states import DELIVERY_STAGES, InstanceState, OutputKind, Stage, StudyState
 from node.worker import run_one
+from peers import wait_until
 
 DEMO = ModelInfo("densenet121-res224-all", "demo-seed0", demo=True)
 PATIENT_SYSTEM = "urn:oid:1.2.826.0.1.3680043.10.1249.1"
@@ -149,15 +150,17 @@ class PipelineRig:
 
     def run_deliveries(self, study_id: int, timeout: float = 30.0) -> dict[str, Job]:
         """Run the worker until every deliver and deliver-sc job of the study is done or dead."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def settled() -> bool:
+            while run_one(self.ctx, "test-worker"):  # everything runnable now; a retry waits for its backoff
+                pass
             jobs = self.delivery_jobs(study_id)
-            if jobs and all(j.state in ("done", "dead") for j in jobs):
-                return self.deliveries(study_id)
-            if not run_one(self.ctx, "test-worker"):
-                time.sleep(0.05)  # a retry is waiting for its backoff
-        raise AssertionError(f"deliveries not settled after {timeout}s: "
-                             f"{[(j.destination, j.state, j.last_error) for j in self.deliveries(study_id).values()]}")
+            return bool(jobs) and all(j.state in ("done", "dead") for j in jobs)
+
+        try:
+            wait_until(settled, timeout, interval=0.05, what="the study's deliveries done or dead")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {[(j.destination, j.state, j.last_error) for j in self.delivery_jobs(study_id)]}")
+        return self.deliveries(study_id)
 
     def error_detail(self, job: Job) -> str:
         """The full text of a job's failed attempts (node/jobs.py StageError.detail), as admins read it."""

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from node.destinations import dicom, dicomweb, fhir, hl7
 
+# Destination types that take DICOM objects, and so the SCs (deliver-sc);
+# the others (FHIR, HL7) carry the report only.
+OBJECT_DESTINATIONS = ("dicom", "dicomweb")
+
 SENDERS = {
     "dicom": dicom,
     "dicomweb": dicomweb,

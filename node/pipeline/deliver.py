@@ -28,10 +28,9 @@ from node.audit import events
 from node.audit.messages import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS
 from node.context import NodeContext
 from node.db import Job, Study
-from node.destinations import SENDERS
+from node.destinations import OBJECT_DESTINATIONS, SENDERS
 from node.jobs import PermanentError, StageError
 from node.lease import check_lease
-from node.pipeline.objects import OBJECT_DESTINATIONS
 from node.states import Stage
 
 

@@ -24,6 +24,7 @@ from inference import decode_dicom
 from inference.dicom_file import dcmread_bounded
 from node.context import NodeContext
 from node.db import Instance, Output, Study
+from node.destinations import OBJECT_DESTINATIONS
 from node.jobs import enqueue
 from node.outputs.sc import display_rendition
 from node.scored_study import ScoredStudy
@@ -119,11 +120,6 @@ def record_outputs(session: Session, study: Study, version: int, objects: tuple[
             session.add(row)
         row.version, row.kind, row.path = version, obj.kind, str(obj.path)
         row.sop_class_uid, row.series_uid = obj.sop_class_uid, obj.series_uid
-
-
-# Destination types that take DICOM objects, and so the SCs (deliver-sc);
-# the others (FHIR, HL7) carry the report only.
-OBJECT_DESTINATIONS = ("dicom", "dicomweb")
 
 
 def enqueue_deliveries(ctx: NodeContext, session: Session, study: Study, version: int, stage: Stage) -> None:
