@@ -13,8 +13,18 @@ of its time per instance:
   something to do, and still lasts 1 ms when there is not.
 - The acceptor's reactor (`Association._run_reactor`) sleeps a fixed 1 ms
   before each look at its DIMSE queue, so every request waits up to 1 ms
-  more before its handler runs. Here it waits on the queue itself, for up
-  to 1 ms, instead.
+  more before its handler runs. Here, on associations we accept, it waits
+  on the queue itself, for up to 1 ms, instead. Not on associations we
+  request: there the reactor must not take anything off the queue, since
+  the sending thread reads its responses from it. pynetdicom pauses the
+  reactor around each `send_*`, but a sender can pass the pause on a stale
+  "paused" flag while the reactor is just waking; a reactor then waiting on
+  the queue takes the response meant for the sender ("Received unexpected
+  C-STORE service message", then a DIMSE timeout and an abort). On an
+  association we requested where we accepted no SCP role (all of Carina's)
+  nothing on the queue can be the reactor's, so its look finds nothing:
+  that closes the same race, narrower, in pynetdicom itself. Its sender
+  waits on the queue already.
 
 So an idle association wakes as often as before (no extra CPU, however many
 are open) and a busy one never waits for a tick. Measured with
@@ -61,6 +71,7 @@ LOW_LATENCY_HANDLER = (evt.EVT_CONN_OPEN, _low_latency)
 
 def _wake_on_work(assoc: pynetdicom.association.Association) -> None:
     dul, dimse = assoc.dul, assoc.dimse
+    waits_on_queue = assoc.is_acceptor  # see the module docstring: never a requestor's
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -76,6 +87,10 @@ def _wake_on_work(assoc: pynetdicom.association.Association) -> None:
     def get_msg(block: bool = False):
         if block:  # the requestor's calls and service classes: unchanged
             return _GET_MSG(dimse, block=True)
+        if not waits_on_queue:  # the reactor of an association we requested
+            if any(cx.as_scp for cx in assoc.accepted_contexts):
+                return _GET_MSG(dimse, block=False)  # it serves the peer's requests: as pynetdicom does
+            return None, None  # only responses to our sender can be queued: they are its
         try:  # the reactor's look at its queue: wait there instead of in a sleep before it
             return dimse.msg_queue.get(timeout=_PYNETDICOM_TICK)
         except queue.Empty:
@@ -89,7 +104,7 @@ def _wake_on_work(assoc: pynetdicom.association.Association) -> None:
     dul._carina_wakeup = wake_r
     dul.send_pdu = send_pdu
     dimse.get_msg = get_msg
-    assoc._carina_waits_on_queue = True
+    assoc._carina_waits_on_queue = waits_on_queue
     assoc.bind(evt.EVT_CONN_CLOSE, close)
 
 

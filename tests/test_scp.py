@@ -1,6 +1,7 @@
 """The Storage SCP against dcmtk peers (echoscu, storescu) and a real database."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -18,7 +19,7 @@ from dicom_factory import SIIM_MONO1, make_dx, write
 from node.db import Instance, Study
 from node.receiver import NOT_CHEST, Receiver
 from node.storage import instance_path, safe_path_component
-from peers import free_port, loopback_policy, require_tool, store_responses, storescu, wait_until
+from peers import accepts_connections, free_port, loopback_policy, require_tool, store_responses, storescu, wait_until
 
 
 @pytest.fixture
@@ -210,3 +211,38 @@ def test_the_scp_s_associations_wait_for_work_not_for_a_tick(tmp_path, db, monke
         del me._carina_waits_on_queue
         monkeypatch.undo()
     assert calls == [0.001, 0.1]
+
+
+def test_the_scu_gets_every_response_over_one_long_association(tmp_path, caplog):
+    """dicom_scp/sockets.py hooks the associations Carina requests too, but
+    their reactor must never wait on the DIMSE queue: the sender reads its
+    C-STORE responses from it. When it did, a fast peer's response was now
+    and then taken by the reactor ("Received unexpected C-STORE service
+    message") and the send timed out and aborted: a delivery failed and was
+    sent again (the CI failures of test_ops_slow_destination and
+    test_conformance_statement). Against dcmtk's storescp answering at once on
+    loopback, that happened within a few hundred small instances; every one of
+    them over one association must now be acknowledged."""
+    import numpy as np
+
+    from dicom_scp.scu import send_files
+
+    received = tmp_path / "received"
+    received.mkdir()
+    files = [write(make_dx(np.full((16, 16), n % 256, np.uint8), patient_id="SCU-LOOP"), tmp_path / f"{n}.dcm")
+             for n in range(400)]
+    port = free_port()
+    # dcmtk 3.6.7 leaves Nagle on unless TCP_NODELAY=1: with it, it answers at once, as a fast PACS does.
+    peer = subprocess.Popen([require_tool("storescp"), "-od", str(received), str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: accepts_connections(port), 30, what="storescp listening")
+        with caplog.at_level("WARNING", logger="pynetdicom"):
+            report = send_files(files, calling_ae="CARINA", called_ae="STORESCP", host="127.0.0.1", port=port,
+                                timeout=10)
+    finally:
+        peer.terminate()
+        peer.wait(10)
+    assert len(report.statuses) == len(files) and not report.failed
+    assert len(list(received.iterdir())) == len(files)
+    assert not [r.message for r in caplog.records if "unexpected" in r.message]
