@@ -275,6 +275,24 @@ def test_sr_rejects_mixed_studies_and_wrong_finding_order():
         sr_of([], REAL, 1)
 
 
+def test_content_referencing_an_instance_outside_the_evidence_cannot_be_built():
+    """build_sr hands highdicom's SR constructor the root container and attaches
+    the content tree itself (node/outputs/sr.py, `_sr_document`), so it makes the
+    check the constructor made on the tree: every referenced instance is evidence."""
+    from pydicom.uid import generate_uid
+
+    from node.outputs.sr import _sr_document
+
+    ds = make_dx()
+    sr = sr_of([(ds, make_result(ds, REAL))], REAL, 1)
+    [root] = sr.content  # the tree as built, highdicom's view of it
+    assert root.ContentSequence is sr.ContentSequence
+    stranger = make_dx(study_uid=ds.StudyInstanceUID)
+    with pytest.raises(ValueError, match=str(ds.SOPInstanceUID)):
+        _sr_document(root, evidence=[stranger], series_instance_uid=generate_uid(), series_number=1,
+                     sop_instance_uid=generate_uid(), instance_number=1)
+
+
 # --- content tree -------------------------------------------------------------
 
 def test_sr_content_tree_codes_and_observer():

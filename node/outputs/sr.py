@@ -53,6 +53,7 @@ from highdicom.sr import (
     CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
+    ContentSequence,
     CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     GraphicTypeValues,
@@ -164,10 +165,10 @@ def build_sr(
     ]
     root_items.append(_qualitative_evaluations(model, evaluations))
 
-    sr = Comprehensive3DSR(
+    sr = _sr_document(
+        report[0],
         # The sources first: highdicom takes the patient and study from evidence[0].
         evidence=[*headers, *(states[uid] for uid in source_uids if uid in states)],
-        content=report,
         series_instance_uid=uids.series_uid(study_uid, model.ref, "sr"),
         series_number=series_number,
         sop_instance_uid=uids.sr_instance_uid(source_uids, model.ref, study.version, *study.output_uid_qualifiers()),
@@ -192,6 +193,44 @@ def build_sr(
     drop_invalid_optional_patient_study(sr)
     declare_character_set(sr)
     return sr
+
+
+def _sr_document(root: ContainerContentItem, *, evidence: list[Dataset], **attributes) -> Comprehensive3DSR:
+    """highdicom's Comprehensive3DSR (PS3.3 A.35.13) around `root`, the content
+    tree as built, without the three passes its constructor makes over that
+    tree: a deep copy, a re-parse of the copy into highdicom items, and a
+    search of the copy for referenced instances. For a four-finding report
+    they were about 70% of building it and the largest CPU cost of the
+    encode stage in bench/e2e.py's burst. The constructor is given the root
+    container without its children, which are attached as built afterwards;
+    the written bytes are the same (tests/test_golden_outputs.py). The one
+    check the search made, that every instance the content references is in
+    the evidence (so that it is listed in the Current Requested Procedure
+    Evidence Sequence, PS3.3 C.17.2.3), is kept here."""
+    missing = _referenced_instances(root.ContentSequence) - {str(ds.SOPInstanceUID) for ds in evidence}
+    if missing:
+        raise ValueError(f"the content references instances not in the evidence: {sorted(missing)}")
+    bare_root = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            bare_root.add(element)
+    bare_root.ContentSequence = []  # highdicom's search wants one
+    sr = Comprehensive3DSR(evidence=evidence, content=bare_root, **attributes)
+    sr.ContentSequence = root.ContentSequence
+    sr._content = ContentSequence([root], is_root=True)  # what `sr.content` reads, as highdicom sets it
+    return sr
+
+
+def _referenced_instances(items) -> set[str]:
+    """SOP Instance UIDs of every IMAGE and COMPOSITE content item in the tree
+    (PS3.3 C.17.3.3.1, Referenced SOP Sequence)."""
+    found: set[str] = set()
+    for item in items:
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            found.update(str(ref.ReferencedSOPInstanceUID) for ref in item.ReferencedSOPSequence)
+        if "ContentSequence" in item:
+            found |= _referenced_instances(item.ContentSequence)
+    return found
 
 
 def algorithm_identification(model: ModelInfo) -> AlgorithmIdentification:
