@@ -48,7 +48,7 @@ from inference.types import DEMO_WARNING
 from node.outputs import uids
 from node.outputs.equipment import device_uid
 from node.outputs.names import PersonName
-from node.outputs.sc import summary_overlay
+from node.outputs.sc import fit_rendition, summary_overlay
 from node.scored_study import ScoredStudy
 from node.terminology import load_terminology
 
@@ -329,7 +329,10 @@ def _heatmaps(scored: ScoredStudy, displays: dict[str, np.ndarray], styles: _Sty
         positives = ", ".join(load_terminology().finding(f.label).display for f in image.positives) or "none"
         caption = (f"{source.modality or '?'} {source.view_position or 'view unknown'}: outlined where the model "
                    f"looked for its positive findings ({positives}). Image {source.sop_instance_uid}")
-        picture = summary_overlay(image, displays[image.sop_instance_uid])
+        # Drawn at the size it is embedded at, not at the SCs' 2048 and then
+        # reduced: a quarter of the pixels to blend for a 2k source.
+        display = fit_rendition(displays[image.sop_instance_uid], image.heatmaps.source_shape, HEATMAP_MAX_SIDE)
+        picture = summary_overlay(image, display, max_side=HEATMAP_MAX_SIDE)
         cells.append([_heatmap_flowable(picture, width), Paragraph(text(caption), styles.small)])
     rows = [cells[i:i + per_row] for i in range(0, len(cells), per_row)]
     if len(rows[-1]) < per_row:
