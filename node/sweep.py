@@ -13,7 +13,7 @@ worker runs, the node:
   created or reopened, so it is scored), with an `orphan_registered` event;
 - quarantines every other orphan (unreadable, mismatched, a second copy of a
   known instance, or an encoded output without its row, which the encode
-  stage writes again anyway) by moving it to `quarantine/`, with an
+  or capture stage writes again anyway) by moving it to `quarantine/`, with an
   `orphan_quarantined` event. Nothing is deleted that was not a temp file.
 
 A study directory whose modification time is older than the previous sweep
