@@ -93,7 +93,7 @@ def test_two_hour_outage_then_past_the_horizon(tmp_path):
             rows = carina_db_rows(node, "SELECT retry_since, state FROM jobs WHERE stage = 'deliver' "
                                         "AND destination = 'pacs'")
             return (len(rows) == 6 and all(state == "pending" and since is not None for since, state in rows)
-                    and time.time() - min(since for since, _ in rows) >= OUTAGE)
+                    and time.time() - max(since for since, _ in rows) >= OUTAGE)  # the last to start failing too
 
         wait_until(outage_lasted, 120, interval=0.2, what="every PACS delivery failing for the whole outage")
         during = deliveries(node, first, "pacs")
