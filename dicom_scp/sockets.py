@@ -84,11 +84,16 @@ def _wake_on_work(assoc: pynetdicom.association.Association) -> None:
         except OSError:  # full (the DUL is awake anyway) or closed
             pass
 
+    serves_peer: bool | None = None  # did we accept an SCP role? Known once the reactor runs
+
     def get_msg(block: bool = False):
+        nonlocal serves_peer
         if block:  # the requestor's calls and service classes: unchanged
             return _GET_MSG(dimse, block=True)
         if not waits_on_queue:  # the reactor of an association we requested
-            if any(cx.as_scp for cx in assoc.accepted_contexts):
+            if serves_peer is None:  # the reactor starts once negotiation has fixed the contexts
+                serves_peer = any(cx.as_scp for cx in assoc.accepted_contexts)
+            if serves_peer:
                 return _GET_MSG(dimse, block=False)  # it serves the peer's requests: as pynetdicom does
             return None, None  # only responses to our sender can be queued: they are its
         try:  # the reactor's look at its queue: wait there instead of in a sleep before it

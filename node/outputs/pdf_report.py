@@ -45,13 +45,6 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import Image, KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-# Streams are written binary (Flate, and the heatmaps' JPEG as they are), not
-# also ASCII85-armoured: without reportlab's optional C accelerator the armour
-# is pure Python, a quarter of the report's CPU, and it makes the file ~20 %
-# larger. PDF has allowed binary streams since 1.0; this module is the only
-# user of reportlab in the process, so the global setting is its alone.
-rl_config.useA85 = 0
-
 from inference.types import DEMO_WARNING
 from node.outputs import uids
 from node.outputs.equipment import device_uid
@@ -59,6 +52,13 @@ from node.outputs.names import PersonName
 from node.outputs.sc import fit_rendition, summary_overlay
 from node.scored_study import ScoredStudy
 from node.terminology import load_terminology
+
+# Streams are written binary (Flate, and the heatmaps' JPEG as they are), not
+# also ASCII85-armoured: without reportlab's optional C accelerator the armour
+# is pure Python, a quarter of the report's CPU, and it makes the file ~20 %
+# larger. PDF has allowed binary streams since 1.0; this module is the only
+# user of reportlab in the process, so the global setting is its alone.
+rl_config.useA85 = 0
 
 TITLE = "Carina AI chest X-ray report"
 DISCLAIMER = (
