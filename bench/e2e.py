@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "workload": {"studies": n, "image": "DX 2048x2048, 12 bits stored, Explicit VR LE", "weights": "demo",
                          "sender": "dcmsend", "pacs": "Orthanc", "stable_seconds": args.stable_seconds,
-                         "output_kinds": kinds},
+                         "output_kinds": kinds, "workers": args.workers or "default"},
             "bare_loop": reference,
             "burst": burst,
             "one_at_a_time": single,

@@ -3,9 +3,10 @@ each finding's class activation map as a transparent overlay.
 
 - The radiograph is the pipeline's own rendering (inference/decode.py: rescale,
   VOI LUT or window, MONOCHROME1 inverted), as the infer stage keeps it for the
-  heatmap SCs (node/storage.py `display_path`, longest side 2048). When that
-  rendition is gone (retention, or a study scored before it was kept) the
-  stored instance is decoded again the same way.
+  heatmap SCs (node/storage.py `display_path`, longest side 2048), compressed
+  here for the one picture a radiologist opens. When that rendition is gone
+  (retention, or a study scored before it was kept) the stored instance is
+  decoded again the same way.
 - An overlay is a small RGBA PNG covering the whole image: the map in the SCs'
   jet colours, its alpha the activation (cold = transparent). The maps are
   7x7 at the model's resolution, so 128 pixels on the long side lose nothing;
@@ -21,6 +22,7 @@ from PIL import Image
 
 from inference.types import DecodedImage, Heatmaps
 from node.outputs.sc import display_rendition, jet
+from node.renditions import read_rendition
 
 OVERLAY_SIDE = 128  # longest side of a heatmap overlay
 PREVIEW_SIDE = 1024  # longest side of an uploaded image's preview
@@ -39,13 +41,14 @@ def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 
 def source_png(display: Path, instance_file: Path | None) -> bytes:
-    """The radiograph's display rendition: the kept one, else decoded again from `instance_file`.
-    Raises FileNotFoundError when neither exists, DecodeError when the file cannot be decoded."""
+    """The radiograph's display rendition as a PNG: the kept one (node/renditions.py),
+    else decoded again from `instance_file`. Raises FileNotFoundError when
+    neither exists, DecodeError when the file cannot be decoded."""
     try:
-        return display.read_bytes()
-    except FileNotFoundError:
+        return png(read_rendition(display))
+    except (FileNotFoundError, ValueError):  # gone (retention), or not readable: the source is the truth
         if instance_file is None or not instance_file.is_file():
-            raise
+            raise FileNotFoundError(display) from None
     from inference import decode_dicom_file
 
     return png(display_rendition(decode_dicom_file(instance_file)))

@@ -1,14 +1,20 @@
 """Display renditions handed from the infer stage to the encode stage in memory.
 
-The infer stage keeps each scored image's display rendition as a PNG under
-`work/` (node/storage.py `display_path`) for the reading app and for an encode
-that runs after a restart. Compressing a 2048^2 rendition costs more than the
-forward pass, so the PNG is written on a background thread while the encode
-stage, usually in this same process moments later, takes the pixels from
-here. Encode waits for the file before it finishes, so once a study version is
-encoded its renditions are on disk, as before. If the process dies before a
-write completes, the file is simply missing: encode and the reading app then
-decode the source again (their existing fallback).
+The infer stage keeps each scored image's display rendition under `work/`
+(node/storage.py `display_path`) for the reading app and for an encode or
+capture that runs after a restart. It is kept uncompressed, as a NumPy `.npy`
+array (4 MB for 2048^2): PNG, even at its fastest level, cost 0.1-0.18
+core-seconds per image, as much as the forward pass and the largest single
+consumer of CPU in a burst (issue 12), to save disk that the 12.5 MB source
+beside it dwarfs. The reading app compresses the one picture a radiologist
+opens (node/rendering.py).
+
+The file is written on a background thread while the later stages, usually in
+this same process moments later, take the pixels from here. The last stage
+that draws on them waits for the file before it finishes, so once a study
+version is done its renditions are on disk. If the process dies before a
+write completes, the file is simply missing: the stages and the reading app
+then decode the source again (their existing fallback).
 """
 from __future__ import annotations
 
@@ -20,18 +26,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from node.storage import write_durably
 
 log = logging.getLogger(__name__)
 
 
-def png_bytes(picture: np.ndarray) -> bytes:
+def rendition_bytes(picture: np.ndarray) -> bytes:
+    """The `.npy` file of an 8-bit rendition (grey [h, w] or RGB [h, w, 3])."""
     buffer = io.BytesIO()
-    # Lossless and fast: level 1 costs a fraction of a decode and halves the bytes.
-    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", compress_level=1)
+    np.lib.format.write_array(buffer, np.ascontiguousarray(picture, dtype=np.uint8), allow_pickle=False)
     return buffer.getvalue()
+
+
+def read_rendition(path: Path) -> np.ndarray:
+    """A kept rendition; never unpickles. FileNotFoundError when it is not there,
+    ValueError when the file is not an 8-bit picture."""
+    try:
+        picture = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # cut short by a crash, or not a .npy: numpy raises several kinds
+        raise ValueError(f"unreadable rendition: {type(exc).__name__}") from None
+    if picture.dtype != np.uint8 or picture.ndim not in (2, 3):
+        raise ValueError(f"not an 8-bit rendition: {picture.dtype} {picture.shape}")
+    return picture
 
 
 class Renditions:
@@ -44,7 +63,7 @@ class Renditions:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rendition-writer")
 
     def keep(self, path: Path, picture: np.ndarray) -> None:
-        """Write `picture` as a PNG at `path` in the background; serve it from memory meanwhile."""
+        """Write `picture` at `path` in the background; serve it from memory meanwhile."""
         written = self._writer.submit(self._write, path, picture)
         with self._lock:
             self._pictures[path] = (picture, written)
@@ -68,6 +87,6 @@ class Renditions:
     @staticmethod
     def _write(path: Path, picture: np.ndarray) -> None:
         try:
-            write_durably(png_bytes(picture), path)
+            write_durably(rendition_bytes(picture), path)
         except Exception:  # a missing rendition is decoded again where it is needed
             log.exception("could not keep a display rendition")

@@ -12,9 +12,9 @@ Layout under `storage.data_dir`:
 - `outputs/<calling AE>/<study UID>/<kind>-<SOP UID>.dcm`: what Carina made;
 - `outputs/<calling AE>/<study UID>/report-v<version>.pdf`: the printable
   report of a version, as the API serves it and FHIR attaches it;
-- `work/<calling AE>/<study UID>/v<version>/<SOP UID>.png`: the display
-  rendition the infer stage keeps for the heatmap SCs, so a source is decoded
-  once per study version;
+- `work/<calling AE>/<study UID>/v<version>/<SOP UID>.npy`: the display
+  rendition the infer stage keeps for the heatmap SCs and the reading app, so
+  a source is decoded once per study version (uncompressed: node/renditions.py);
 - `tmp/`: partial uploads (emptied at start-up);
 - `quarantine/`: files the start-up sweep found without a row and could not
   register (node/sweep.py).
@@ -60,7 +60,7 @@ def report_pdf_path(root: Path, calling_ae: str, study_uid: str, version: int) -
 
 
 def display_path(root: Path, calling_ae: str, study_uid: str, version: int, sop_uid: str) -> Path:
-    return study_dir(root, calling_ae, study_uid) / f"v{version}" / f"{safe_path_component(sop_uid)}.png"
+    return study_dir(root, calling_ae, study_uid) / f"v{version}" / f"{safe_path_component(sop_uid)}.npy"
 
 
 def fsync_dir(path: Path) -> None:

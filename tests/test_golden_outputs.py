@@ -218,7 +218,7 @@ def test_encode_decodes_no_pixels_when_infer_kept_the_display(node, monkeypatch)
     with node.db.session() as s:
         scored = results.load(s, study_id, 1)
     for image in scored.images:
-        assert (node.work_dir / g.CALLING_AE / g.STUDY_UID / "v1" / f"{image.sop_instance_uid}.png").exists()
+        assert (node.work_dir / g.CALLING_AE / g.STUDY_UID / "v1" / f"{image.sop_instance_uid}.npy").exists()
 
 
 def test_the_scored_study_round_trips_its_codec_exactly(node):

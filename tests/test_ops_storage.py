@@ -87,7 +87,7 @@ def test_start_up_sweep_registers_or_quarantines_orphans_and_removes_temp_files(
         stray_output = out_dir / "sc-2.25.1234.dcm"
         shutil.copyfile(misplaced, stray_output)
         temps = [var / "tmp" / "tmpab12cd", out_dir / ".sr-2.25.99.dcm.1a2b.part",
-                 var / "work" / "MODALITY" / str(a.StudyInstanceUID) / "v1" / ".x.png.9.part"]
+                 var / "work" / "MODALITY" / str(a.StudyInstanceUID) / "v1" / ".x.npy.9.part"]
         for t in temps:
             t.parent.mkdir(parents=True, exist_ok=True)
             t.write_bytes(b"partial")

@@ -31,7 +31,7 @@ from node.db import AuditRecord, Instance, InstanceRevision, Output, Study, Stud
 from node.fhir_store import save_resources
 from node.outputs.fhir_report import build_report_resources
 from node.outputs.sc import display_rendition
-from node.rendering import png
+from node.renditions import read_rendition, rendition_bytes
 from node.report import Triage
 from node.states import Priority
 from node.storage import display_path, instance_path
@@ -104,7 +104,7 @@ def add_study(rig, engine, datasets, *, priority: Priority, versions: int = 1, k
             for version in range(1, versions + 1):
                 target = display_path(ctx.work_dir, "MODALITY", first.StudyInstanceUID, version, ds.SOPInstanceUID)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(png(display_rendition(image)))
+                target.write_bytes(rendition_bytes(display_rendition(image)))
     positives = sorted({fi.label for r in scored_results for fi in r.findings if fi.positive})
     return {"id": study_id, "uid": first.StudyInstanceUID, "patient_id": str(first.PatientID),
             "sops": [ds.SOPInstanceUID for ds in datasets], "positives": positives, "datasets": datasets}
@@ -266,7 +266,8 @@ def test_image_is_the_pipelines_rendering_and_monochrome1_reads_like_monochrome2
 
         kept = image(st["stat"])
         path = display_path(rig.ctx.work_dir, "MODALITY", st["stat"]["uid"], 1, st["stat"]["sops"][0])
-        assert kept.content == path.read_bytes()  # the infer stage's rendition, as it kept it
+        # the infer stage's rendition, as it kept it (uncompressed), served as a lossless PNG
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(kept.content))), read_rendition(path))
         audited = last_audit(rig)
         assert audited.event_id == "110110" and "PAT-STAT" in audited.xml and "/images/" in audited.xml
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +26,7 @@ from node.db import Instance, Output, Study
 from node.destinations import OBJECT_DESTINATIONS
 from node.jobs import enqueue
 from node.outputs.sc import display_rendition
+from node.renditions import read_rendition
 from node.scored_study import ScoredStudy
 from node.states import OutputKind, Stage
 from node.storage import display_path, output_path, write_durably
@@ -63,7 +63,7 @@ class SourceFiles:
 
 class DisplayPixels:
     """Each source's display rendition, from memory when infer ran in this
-    process moments ago (node/renditions.py), else from the PNG it kept, else
+    process moments ago (node/renditions.py), else from the file it kept, else
     decoded again (e.g. a restored backup without the work directory)."""
 
     def __init__(self, ctx: NodeContext, files: SourceFiles):
@@ -77,11 +77,11 @@ class DisplayPixels:
         return self._pictures[sop_uid]
 
     def _from_disk(self, sop_uid: str) -> np.ndarray:
-        path = self._files.displays[sop_uid]
-        if path.exists():
-            with Image.open(path) as picture:
-                return np.asarray(picture)
-        log.warning("display rendition of %s missing; decoding the source again", sop_uid)
+        try:
+            return read_rendition(self._files.displays[sop_uid])
+        except (FileNotFoundError, ValueError):
+            pass
+        log.warning("display rendition of %s missing or unreadable; decoding the source again", sop_uid)
         source = dcmread_bounded(self._files.sources[sop_uid],
                                  max_inflated_bytes=self._ctx.settings.dicom.max_inflated_bytes)
         return display_rendition(decode_dicom(source))
