@@ -49,6 +49,8 @@ import threading
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench/inference.py: steadier on a shared VM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +115,20 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process (all its threads) has used, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def with_children(pid: int) -> list[int]:
+    """A node's process and its children: the stage processes that run encode and capture
+    (node/pipeline/processes.py) and multiprocessing's resource tracker, whose CPU and memory
+    are the node's too."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
+def stage_process_count(pid: int) -> int:
+    return sum(b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() for child in with_children(pid)[1:])
 
 
 class ReceptionClock:
@@ -293,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="dicom.stable_seconds of the node (latency is measured from the window's end)")
     parser.add_argument("--kinds", default="sr,sc", help="outputs.kinds, comma-separated, or 'all'")
     parser.add_argument("--workers", type=int, default=None, help="pipeline.workers (default: the node's default)")
+    parser.add_argument("--stage-processes", type=int, default=1,
+                        help="pipeline.stage_processes: processes for encode and capture (node default 1)")
+    parser.add_argument("--worker-processes", type=int, default=0,
+                        help="extra `carina serve --role worker` processes beside the node, on its database and storage")
     parser.add_argument("--workdir", default=None, help="keep the run's files here (default: a temp dir, removed)")
     parser.add_argument("--results-dir", default=None, help="'' to print only")
     args = parser.parse_args(argv)
@@ -320,12 +340,25 @@ def main(argv: list[str] | None = None) -> int:
             stable_seconds=args.stable_seconds,
             # The node's own defaults for the pipeline (CarinaNode speeds polling and retries up for tests).
             extra={"pipeline": {"poll_seconds": 0.5, "backoff_base_seconds": 2.0, "backoff_max_seconds": 300.0,
+                                "stage_processes": args.stage_processes,
                                 **({"workers": args.workers} if args.workers else {})},
                    "outputs": {"kinds": kinds, "report_pdf": {"fhir": "pdf" in kinds, "download": "pdf" in kinds}},
                    "inference": {"model_poll_seconds": 2.0}},
         )
+        shared = yaml.safe_load(node.config_path.read_text())  # the node's database, storage and settings
+        extra_workers = [
+            CarinaNode(work / f"carina-worker-{i}", role="worker", stable_seconds=args.stable_seconds,
+                       destinations=shared["destinations"],
+                       extra={k: shared[k] for k in ("storage", "pipeline", "outputs", "inference", "delivery")})
+            for i in range(args.worker_processes)
+        ]
         try:
             node.start()
+            for w in extra_workers:
+                w.start()
+            for process in (node, *extra_workers):  # spawned beside the model's loading
+                wait_until(lambda pid=process.proc.pid: stage_process_count(pid) == args.stage_processes, 60,
+                           what="the stage processes")
             import pydicom
 
             def study_uid(path: Path) -> str:
@@ -334,12 +367,13 @@ def main(argv: list[str] | None = None) -> int:
             # Burst: every study in one association.
             uids = [study_uid(p) for p in burst_files]
             metrics_before = stage_metrics(node)
-            cpu_before = cpu_seconds(node.proc.pid), cpu_seconds(pacs.proc.pid)
+            node_pids = [pid for member in (node, *extra_workers) for pid in with_children(member.proc.pid)]
+            cpu_before = sum(map(cpu_seconds, node_pids)), cpu_seconds(pacs.proc.pid)
             pushed_at = time.time()
             proc = dcmsend(node.dicom_port, *burst_files)
             assert proc.returncode == 0, proc.stderr[-2000:]
             wait_until(lambda: delivered(node, clock, uids), 900, interval=0.25, what="burst delivered")
-            cpu_after = cpu_seconds(node.proc.pid), cpu_seconds(pacs.proc.pid)
+            cpu_after = sum(map(cpu_seconds, node_pids)), cpu_seconds(pacs.proc.pid)
             burst_studies = per_study(node, clock, uids, args.stable_seconds)
             metrics_burst = stage_metrics(node)
             first_window_end = min(s["window_end"] for s in burst_studies)
@@ -375,8 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                       "stage_run_mean_s": stage_run_means(metrics_burst, metrics_single)}
             print(f"one at a time: SR p50 {single['sr_latency_s']['p50']} s, p95 {single['sr_latency_s']['p95']} s",
                   file=sys.stderr)
-            memory = process_memory_kb(node.proc.pid)
+            # Each process's own peak, summed: an upper bound of the node's peak as a whole.
+            memory = {"VmHWM": sum(process_memory_kb(pid)["VmHWM"] for pid in node_pids)}
         finally:
+            for w in extra_workers:
+                w.stop()
             node.stop()
             clock.stop()
             pacs.stop()
@@ -390,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "workload": {"studies": n, "image": "DX 2048x2048, 12 bits stored, Explicit VR LE", "weights": "demo",
                          "sender": "dcmsend", "pacs": "Orthanc", "stable_seconds": args.stable_seconds,
-                         "output_kinds": kinds, "workers": args.workers or "default"},
+                         "output_kinds": kinds, "workers": args.workers or "default",
+                         "stage_processes": args.stage_processes, "worker_processes": 1 + args.worker_processes},
             "bare_loop": reference,
             "burst": burst,
             "one_at_a_time": single,

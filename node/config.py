@@ -450,8 +450,12 @@ class LoggingSettings(_Strict):
 
 
 class PipelineSettings(_Strict):
-    # >= 2 lets the inference batcher merge images from different studies.
-    workers: int = Field(default=2, ge=1)
+    # >= 2 lets the inference batcher merge images from different studies; the
+    # third keeps inferring or sending while another waits for a stage process.
+    workers: int = Field(default=3, ge=1)
+    # Processes that run encode and capture apart from the workers' GIL
+    # (node/pipeline/processes.py); 0 runs them in the workers' own process.
+    stage_processes: int = Field(default=1, ge=0)
     lease_seconds: float = Field(default=120.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
     max_attempts: int = Field(default=8, ge=1)

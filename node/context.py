@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # both pull in torch; the CLI and the API must start without 
     from inference.batcher import BatchingEngine
     from inference.types import ModelInfo
     from node.models import ModelManager
+    from node.pipeline.processes import StageProcesses
     from node.renditions import Renditions
 
 
@@ -62,6 +63,8 @@ class NodeContext:
     scp: StorageSCP | None = None
     # Display renditions passed from infer to encode in memory (node/renditions.py).
     renditions: Renditions = field(default_factory=lambda: _renditions())
+    # Where encode and capture run when pipeline.stage_processes > 0 (node/pipeline/processes.py).
+    stage_processes: StageProcesses | None = None
 
     def __post_init__(self) -> None:
         if self.audit is None:

@@ -55,6 +55,9 @@ class StageError(Exception):
         self.code = code
         self.detail = detail or code
 
+    def __reduce__(self):  # raised in a stage process (node/pipeline/processes.py): keep the detail
+        return type(self), (self.code, self.detail)
+
 
 class RetryableError(StageError):
     """Try again later (peer down, transient I/O)."""

@@ -44,6 +44,23 @@ def bind_context(**values: object) -> None:
     _CONTEXT.set({**_CONTEXT.get(), **{k: v for k, v in values.items() if v not in (None, "")}})
 
 
+def current_context() -> dict[str, object]:
+    """The fields bound here, to carry into another process (node/pipeline/processes.py)."""
+    return dict(_CONTEXT.get())
+
+
+def forward_to(records, level: str) -> None:
+    """In a child process: every record, with its context fields, goes to
+    `records` (a multiprocessing queue) for the parent's handlers."""
+    handler = logging.handlers.QueueHandler(records)
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _CONTEXT.get().items():

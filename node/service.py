@@ -289,14 +289,36 @@ class Node:
             log.exception("retention purge failed; it runs again at the next interval")
 
     def _model_then_workers(self) -> None:
+        spawning = None
+        if self.workers is not None and self.ctx.settings.pipeline.stage_processes:
+            spawning = threading.Thread(target=self._start_stage_processes, name="stage-processes", daemon=True)
+            spawning.start()  # beside the model's loading: each takes seconds
         load_engine(self.ctx)
         if self.workers is None:
             return  # the api role: the model only serves the direct-scoring endpoints
+        if spawning is not None:
+            spawning.join()
         # Workers start once a model is there (now, or after a later activation).
         while self.ctx.engine is None and not self._stopping.wait(0.5):
             pass
         if self.ctx.engine is not None and not self._stopping.is_set():
             self.workers.start()
+
+    def _start_stage_processes(self) -> None:
+        """Encode and capture apart from the workers' GIL (node/pipeline/processes.py); should
+        the processes fail to start, the stages run in this process, as with stage_processes: 0."""
+        from node.pipeline.processes import StageProcesses
+
+        processes = None
+        try:
+            processes = StageProcesses(self.ctx.settings, self.ctx.settings.pipeline.stage_processes)
+            processes.start()
+        except Exception:
+            log.exception("stage processes failed to start; encode and capture run in the worker process")
+            if processes is not None:
+                processes.stop(0)
+            return
+        self.ctx.stage_processes = processes
 
     def drain(self, grace: float) -> None:
         """The graceful half of shutdown (see the module docstring): stop
@@ -342,6 +364,8 @@ class Node:
             self.scheduler.shutdown(wait=False)
         if self.workers:
             self.workers.stop(0)
+        if self.ctx.stage_processes:
+            self.ctx.stage_processes.stop()
         if self.ctx.models:
             self.ctx.models.stop()  # after the workers: they may be waiting on a batch
         try:

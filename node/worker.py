@@ -36,6 +36,7 @@ from node.jobs import Backoff, LeaseLost, PermanentError, RetryableError, claim,
 from node.lease import Heartbeat, stop_renewing
 from node.logs import bind_context, log_context
 from node.pipeline import capture, conclude, deliver, encode, infer
+from node.pipeline.processes import OFFLOADED
 from node.states import DELIVERY_STAGES, JobState, Stage, StudyState
 
 log = logging.getLogger(__name__)
@@ -60,13 +61,22 @@ def run_stage(ctx: NodeContext, job: Job) -> None:
     if study is None:
         log.info("%s job %d superseded by a newer study version", job.stage, job.id)
         return
-    outcome = stage.run(ctx, work)
+    outcome = _run(ctx, Stage(job.stage), stage, work)
     stop_renewing()  # settle_in checks the lease itself; a renewal racing its commit would cry wolf
     with ctx.db.session() as s:
         settle_in(s, job)  # the outcome and "job done" commit together or not at all
         study = current_study(s, job)
         if study is not None:
             stage.settle(ctx, s, study, outcome)
+
+
+def _run(ctx: NodeContext, name: Stage, stage, work):
+    """The stage's `run`, in a stage process when there are some (node/pipeline/processes.py).
+    Such a process reads the renditions from disk, so they are settled there first."""
+    if ctx.stage_processes is None or name not in OFFLOADED:
+        return stage.run(ctx, work)
+    ctx.renditions.settle(list(work.files.displays.values()))
+    return ctx.stage_processes.run(name, work)
 
 
 def backoff_for(ctx: NodeContext, job: Job) -> Backoff:

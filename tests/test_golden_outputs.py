@@ -206,6 +206,24 @@ def test_a_fixed_study_gives_the_recorded_outputs_in_both_versions(node):
     assert all(len(digests) == 1 for digests in contents.values())
 
 
+def test_a_stage_process_writes_the_recorded_outputs(node, monkeypatch):
+    """Encode and capture in a stage process (pipeline.stage_processes, node/pipeline/processes.py):
+    the same bytes. Their `run` in this process would fail, so the outputs came from the other."""
+    from node.pipeline import capture, encode
+    from node.pipeline.processes import StageProcesses
+
+    for stage in (encode, capture):
+        monkeypatch.setattr(stage, "run", lambda *a: pytest.fail("ran in the worker's process"))
+    node.stage_processes = StageProcesses(node.settings, 1)
+    node.stage_processes.start()
+    try:
+        study_id = _store_sources(node)
+        _run_version(node, study_id, 1)
+        _check_version(node, study_id, 1)
+    finally:
+        node.stage_processes.stop()
+
+
 def test_encode_decodes_no_pixels_when_infer_kept_the_display(node, monkeypatch):
     """Each source is decoded once per study version: by infer, never by encode or capture."""
     import node.pipeline.objects as drawing
