@@ -52,7 +52,11 @@ def current_context() -> dict[str, object]:
 def forward_to(records, level: str) -> None:
     """In a child process: every record, with its context fields, goes to
     `records` (a multiprocessing queue) for the parent's handlers."""
-    handler = logging.handlers.QueueHandler(records)
+    _install(logging.handlers.QueueHandler(records), level)
+
+
+def _install(handler: logging.Handler, level: str) -> None:
+    """`handler`, stamping the context fields, as the root logger's only handler."""
     handler.addFilter(_ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -98,12 +102,7 @@ def configure(level: str = "INFO", *, fmt: str = "text", file: Path | None = Non
     else:
         handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    handler.addFilter(_ContextFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    _install(handler, level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # it logs every tick at INFO
     # The completion tick (0.1 s) is skipped while the previous one still runs
