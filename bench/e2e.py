@@ -117,20 +117,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def with_children(pid: int) -> list[int]:
-    """A node's process and its children: the stage processes that run encode and capture
-    (node/pipeline/processes.py) and multiprocessing's resource tracker, whose CPU and memory
-    are the node's too."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return [pid, *children]
-
-
-def stage_process_count(pid: int) -> int:
-    return sum(b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes() for child in with_children(pid)[1:])
-
-
 class ReceptionClock:
     """Stamps each instance Orthanc's Lua hook logs with this host's time."""
 
@@ -317,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=None, help="'' to print only")
     args = parser.parse_args(argv)
 
-    from peers import CarinaNode, Orthanc, dcmsend, process_memory_kb, wait_until
+    from peers import CarinaNode, Orthanc, children_of, dcmsend, process_memory_kb, stage_processes_of, wait_until
     from record import machine, now_utc, write_result
 
     started_at = now_utc()
@@ -357,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             for w in extra_workers:
                 w.start()
             for process in (node, *extra_workers):  # spawned beside the model's loading
-                wait_until(lambda pid=process.proc.pid: stage_process_count(pid) == args.stage_processes, 60,
+                wait_until(lambda pid=process.proc.pid: len(stage_processes_of(pid)) == args.stage_processes, 60,
                            what="the stage processes")
             import pydicom
 
@@ -367,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             # Burst: every study in one association.
             uids = [study_uid(p) for p in burst_files]
             metrics_before = stage_metrics(node)
-            node_pids = [pid for member in (node, *extra_workers) for pid in with_children(member.proc.pid)]
+            node_pids = [pid for member in (node, *extra_workers)
+                         for pid in (member.proc.pid, *children_of(member.proc.pid))]
             cpu_before = sum(map(cpu_seconds, node_pids)), cpu_seconds(pacs.proc.pid)
             pushed_at = time.time()
             proc = dcmsend(node.dicom_port, *burst_files)

@@ -446,6 +446,27 @@ def process_memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (procfs): for a node, the stage processes that run encode
+    and capture (node/pipeline/processes.py) and multiprocessing's resource tracker."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def is_stage_process(pid: int) -> bool:
+    """Alive and spawned by multiprocessing to run tasks (not its resource tracker; a zombie has no cmdline)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def stage_processes_of(pid: int) -> list[int]:
+    return [child for child in children_of(pid) if is_stage_process(child)]
+
+
 def orthanc_study_series(pacs: "Orthanc", study_uid: str) -> list[dict]:
     """Series Orthanc holds for a StudyInstanceUID: MainDicomTags plus the instance ids."""
     found = http_json(f"{pacs.url}/tools/lookup", method="POST", data=study_uid.encode())

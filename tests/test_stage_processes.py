@@ -24,28 +24,8 @@ from node.jobs import PermanentError, RetryableError
 from node.pipeline.processes import StageProcesses
 from node.states import OutputKind, Stage
 from node.storage import display_path
-from peers import CarinaNode, dcmsend, wait_until
+from peers import CarinaNode, dcmsend, is_stage_process, stage_processes_of, wait_until
 from pipeline_rig import PipelineRig
-
-
-def children_of(pid: int) -> list[int]:
-    """The live child processes of `pid` (procfs)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def is_stage_process(pid: int) -> bool:
-    """Alive and spawned by multiprocessing to run tasks (not its resource tracker; a zombie has no cmdline)."""
-    try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return False
-
-
-def stage_processes_of(pid: int) -> list[int]:
-    return [child for child in children_of(pid) if is_stage_process(child)]
 
 
 @pytest.fixture
