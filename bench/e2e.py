@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="pipeline.workers (default: the node's default)")
     parser.add_argument("--stage-processes", type=int, default=1,
                         help="pipeline.stage_processes: processes for encode and capture (node default 1)")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="inference.cpu_threads: torch's threads in the node (0: torch's default, one per core)")
     parser.add_argument("--worker-processes", type=int, default=0,
                         help="extra `carina serve --role worker` processes beside the node, on its database and storage")
     parser.add_argument("--workdir", default=None, help="keep the run's files here (default: a temp dir, removed)")
@@ -329,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "stage_processes": args.stage_processes,
                                 **({"workers": args.workers} if args.workers else {})},
                    "outputs": {"kinds": kinds, "report_pdf": {"fhir": "pdf" in kinds, "download": "pdf" in kinds}},
-                   "inference": {"model_poll_seconds": 2.0}},
+                   "inference": {"model_poll_seconds": 2.0, "cpu_threads": args.cpu_threads}},
         )
         shared = yaml.safe_load(node.config_path.read_text())  # the node's database, storage and settings
         extra_workers = [
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             "workload": {"studies": n, "image": "DX 2048x2048, 12 bits stored, Explicit VR LE", "weights": "demo",
                          "sender": "dcmsend", "pacs": "Orthanc", "stable_seconds": args.stable_seconds,
                          "output_kinds": kinds, "workers": args.workers or "default",
-                         "stage_processes": args.stage_processes, "worker_processes": 1 + args.worker_processes},
+                         "stage_processes": args.stage_processes, "worker_processes": 1 + args.worker_processes,
+                         "cpu_threads": args.cpu_threads or "default"},
             "bare_loop": reference,
             "burst": burst,
             "one_at_a_time": single,

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import approximate_polygon, find_contours
+from skimage.measure import find_contours
 from skimage.transform import resize
 
 from inference.types import Heatmaps, Region
@@ -76,13 +76,74 @@ def _outline(component: np.ndarray, max_vertices: int) -> np.ndarray:
     # The zero border makes every contour closed, also where the component touches the edge.
     padded = np.pad(component.astype(np.float32), 1)
     contour = max(find_contours(padded, 0.5), key=len) - 1.0
+    simplify = DouglasPeucker(contour)
     tolerance = 0.5
-    polygon = approximate_polygon(contour, tolerance)
+    polygon = simplify(tolerance)
     while len(polygon) - 1 > max_vertices:
         tolerance *= 1.5
-        polygon = approximate_polygon(contour, tolerance)
+        polygon = simplify(tolerance)
     if len(polygon) < 4:  # simplified to a line: keep the raw outline (tiny blobs)
         polygon = contour
     if not np.array_equal(polygon[0], polygon[-1]):
         polygon = np.vstack([polygon, polygon[:1]])
     return polygon
+
+
+class DouglasPeucker:
+    """`skimage.measure.approximate_polygon(coords, tolerance)` for one chain at several tolerances.
+
+    Douglas-Peucker splits a segment at its point farthest from the chord when
+    that distance exceeds the tolerance. Where a segment splits does not depend
+    on the tolerance, only whether it does, so each segment's farthest point is
+    measured once (with scikit-image's arithmetic, so the corners are the same
+    bits) and a larger tolerance only walks fewer of them. `_outline` raises the
+    tolerance until the polygon has few enough corners: scikit-image measured
+    every segment again at each try, in Python, with the GIL held.
+    """
+
+    def __init__(self, coords: np.ndarray):
+        self.coords = coords
+        self._farthest: dict[tuple[int, int], tuple[float, int]] = {}  # (start, end) -> (distance, index)
+
+    def __call__(self, tolerance: float) -> np.ndarray:
+        if tolerance <= 0:
+            return self.coords
+        chain = np.zeros(len(self.coords), bool)
+        chain[0] = chain[-1] = True
+        pending = [(0, len(self.coords) - 1)]
+        while pending:
+            start, end = pending.pop()
+            distance, index = self._farthest_point(start, end)
+            if distance > tolerance:
+                chain[index] = True
+                pending += [(index, end), (start, index)]
+        return self.coords[chain, :]
+
+    def _farthest_point(self, start: int, end: int) -> tuple[float, int]:
+        known = self._farthest.get((start, end))
+        if known is None:
+            known = self._farthest[start, end] = self._measure(start, end)
+        return known
+
+    def _measure(self, start: int, end: int) -> tuple[float, int]:
+        """The inner point farthest from the segment, as scikit-image 0.26 measures it."""
+        if end - start < 2:
+            return -math.inf, -1
+        r0, c0 = self.coords[start, :]
+        r1, c1 = self.coords[end, :]
+        dr = r1 - r0
+        dc = c1 - c0
+        segment_angle = -np.arctan2(dr, dc)
+        segment_dist = c0 * np.sin(segment_angle) + r0 * np.cos(segment_angle)
+        inner = self.coords[start + 1:end, :]
+        dr0 = inner[:, 0] - r0
+        dc0 = inner[:, 1] - c0
+        dr1 = inner[:, 0] - r1
+        dc1 = inner[:, 1] - c1
+        # Beside the segment: distance to the line; beyond either end: to the nearer end point.
+        perp = np.logical_and(dr0 * dr + dc0 * dc > 0, -dr1 * dr - dc1 * dc > 0)
+        to_line = np.abs(inner[:, 0] * np.cos(segment_angle) + inner[:, 1] * np.sin(segment_angle) - segment_dist)
+        to_ends = np.minimum(np.sqrt(dc0 ** 2 + dr0 ** 2), np.sqrt(dc1 ** 2 + dr1 ** 2))
+        dists = np.where(perp, to_line, to_ends)
+        farthest = int(np.argmax(dists))
+        return float(dists[farthest]), start + 1 + farthest

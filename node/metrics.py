@@ -18,6 +18,7 @@ PHI: states, stages, destination names and reasons from a fixed set.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -50,6 +51,9 @@ class Metrics:
                                           ["reason"], registry=r)
         self.associations = Counter("carina_associations", "DICOM associations accepted by the SCP", registry=r)
         self.associations_active = Gauge("carina_associations_active", "DICOM associations open now", registry=r)
+        self.gc_frozen = Gauge("carina_gc_frozen_objects", "Objects built at start-up that the garbage collector "
+                               "no longer scans (node/service.py freeze_start_up_heap)", registry=r)
+        self.gc_frozen.set_function(gc.get_freeze_count)
         self.stage_seconds = Histogram("carina_stage_duration_seconds", "Pipeline stage run time, by stage and outcome",
                                        ["stage", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("carina_inference_batch_size", "Images per inference forward pass",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.measure import points_in_poly
 
-from inference.regions import MAX_VERTICES, find_regions
+from inference.regions import MAX_VERTICES, DouglasPeucker, find_regions
 from inference.types import CHESTXRAY14, Heatmaps
 
 
@@ -131,3 +131,24 @@ def test_many_vertices_are_simplified():
     assert len(region.polygon) <= 25
     np.testing.assert_array_equal(region.polygon[0], region.polygon[-1])
     assert points_in_poly([[1024.0, 1024.0]], region.polygon)[0]
+
+
+def test_the_simplification_is_scikit_image_s_at_every_tolerance():
+    """DouglasPeucker measures each segment once for the whole tolerance ladder `_outline`
+    climbs; it must pick exactly the corners skimage's approximate_polygon picks."""
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
+    rng = np.random.default_rng(12)
+    compared = 0
+    for _ in range(60):
+        surface = ndimage.zoom(ndimage.gaussian_filter(rng.random((48, 48)), rng.uniform(1, 5)), 4, order=1)
+        labels, count = ndimage.label(surface >= np.quantile(surface, rng.uniform(0.5, 0.95)))
+        for k in range(1, min(count, 3) + 1):
+            contour = max(find_contours(np.pad((labels == k).astype(np.float32), 1), 0.5), key=len) - 1.0
+            simplify, tolerance = DouglasPeucker(contour), 0.5
+            for _ in range(10):
+                assert np.array_equal(simplify(tolerance), approximate_polygon(contour, tolerance)), tolerance
+                compared += 1
+                tolerance *= 1.5
+    assert compared > 600

@@ -91,6 +91,7 @@ def test_metrics_move_by_the_push_and_logs_are_json_without_phi(tmp_path):
         assert value(after, "carina_queue_oldest_pending_age_seconds", stage="infer") == 0
         assert value(after, "carina_dead_letter_oldest_age_seconds") == 0
         assert value(after, "carina_associations_active") == 0
+        assert value(after, "carina_gc_frozen_objects") > 100_000  # start-up's heap, out of the collector's way
 
     # Every log line is one JSON object; the pipeline's lines name the study and the job.
     files = sorted(log_file.parent.glob("carina.log*"))

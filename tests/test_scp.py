@@ -1,6 +1,7 @@
 """The Storage SCP against dcmtk peers (echoscu, storescu) and a real database."""
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from sqlalchemy import select
 from dicom_scp.scp import StorageSCP
 from dicom_scp.sockets import _low_latency
 from dicom_scp.contexts import decodable_transfer_syntaxes
+from dicom_scp.listener import SupportedContexts
 from dicom_factory import SIIM_MONO1, make_dx, write
 from node.db import Instance, Study
 from node.receiver import NOT_CHEST, Receiver
@@ -161,6 +163,24 @@ def test_tcp_nodelay_is_set_on_association_sockets():
     finally:
         client.close()
         server.close()
+
+
+def test_each_association_gets_its_own_copy_of_the_offered_contexts(scp):
+    """pynetdicom deep-copies the listener's contexts for every association; SupportedContexts
+    does it without copy.deepcopy's cost, and must give the same, independent copy."""
+    offered = scp._server.contexts
+    assert isinstance(offered, SupportedContexts) and len(offered) > 100
+    cheap, reference = copy.deepcopy(offered), copy.deepcopy(list(offered))
+    assert [vars(c) for c in cheap] == [vars(c) for c in reference]
+    for mine, original in zip(cheap, offered):
+        assert mine is not original and mine.transfer_syntax is not original.transfer_syntax
+    before = list(offered[0].transfer_syntax)
+    cheap[0].add_transfer_syntax("1.2.840.10008.1.2.4.201")  # HTJ2K, added to the copy only
+    assert "1.2.840.10008.1.2.4.201" in cheap[0].transfer_syntax and offered[0].transfer_syntax == before
+    # Negotiation on the copies still works (echoscu proposes Verification).
+    proc = subprocess.run([require_tool("echoscu"), "-aet", "MOD", "-aec", "CARINA", "127.0.0.1", str(scp.port)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_offers_every_decodable_syntax_for_chest_classes():

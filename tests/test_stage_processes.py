@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import signal
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
