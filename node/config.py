@@ -450,9 +450,12 @@ class LoggingSettings(_Strict):
 
 
 class PipelineSettings(_Strict):
-    # >= 2 lets the inference batcher merge images from different studies; the
-    # third keeps inferring or sending while another waits for a stage process.
-    workers: int = Field(default=3, ge=1)
+    # >= 2 lets the inference batcher merge images from different studies.
+    # Most of a worker's time in a burst is spent waiting: for the PACS to
+    # store what it sends, for the stage process, for a batch. Six keep both
+    # cores of a 2-core node busy (bench/e2e.py: 0.67x the bare loop, against
+    # 0.5x with three); each idle one costs a thread and nothing else.
+    workers: int = Field(default=6, ge=1)
     # Processes that run encode and capture apart from the workers' GIL
     # (node/pipeline/processes.py); 0 runs them in the workers' own process.
     stage_processes: int = Field(default=1, ge=0)

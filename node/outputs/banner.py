@@ -68,7 +68,10 @@ def drawable(text: str, font: ImageFont.FreeTypeFont) -> str:
     return "".join(out)
 
 
+@lru_cache(maxsize=4096)
 def _text_length(text: str, font: ImageFont.FreeTypeFont) -> float:
+    # Cached: wrapping measures every growing prefix of a line, and most lines
+    # (the model, the caveat, the disclaimer) are the same on every SC.
     return sum(font.getlength(part) for part in text.split(EM_DASH)) + text.count(EM_DASH) * _dash_length(font)
 
 
