@@ -452,9 +452,10 @@ class LoggingSettings(_Strict):
 class PipelineSettings(_Strict):
     # >= 2 lets the inference batcher merge images from different studies.
     # Most of a worker's time in a burst is spent waiting: for the PACS to
-    # store what it sends, for the stage process, for a batch. Six keep both
-    # cores of a 2-core node busy (bench/e2e.py: 0.67x the bare loop, against
-    # 0.5x with three); each idle one costs a thread and nothing else.
+    # store what it sends, for the stage process, for a batch. With three, a
+    # 2-core node's cores were not busy (bench/e2e.py, quiet hour: 3.4 studies/s
+    # with three, 3.8-4.2 with six). An idle worker costs only a thread; busy
+    # ones hold more studies at once (~120 MiB more peak RSS with six).
     workers: int = Field(default=6, ge=1)
     # Processes that run encode and capture apart from the workers' GIL
     # (node/pipeline/processes.py); 0 runs them in the workers' own process.
