@@ -111,12 +111,6 @@ def bare_loop(paths: list[Path]) -> dict:
             "cpu_core_seconds_per_image": round(cpu / len(paths), 3)}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process (all its threads) has used, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 class ReceptionClock:
     """Stamps each instance Orthanc's Lua hook logs with this host's time."""
 
@@ -306,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from peers import CarinaNode, Orthanc, children_of, dcmsend, process_memory_kb, stage_processes_of, wait_until
-    from record import machine, now_utc, write_result
+    from record import cpu_seconds, machine, now_utc, write_result
 
     started_at = now_utc()
     load_start = os.getloadavg()

@@ -21,7 +21,10 @@ Receivers, each fresh for every round (new storage), on loopback:
   receiver built on pynetdicom on the machine.
 
 Every instance each receiver was sent is checked to be there (rows, files,
-Orthanc's statistics) before its time counts. Each round sends new SOP
+Orthanc's statistics) before its time counts. The CPU time each receiver's
+process used while the instances were sent (/proc, all its threads) is
+reported per instance, from the same best round: how near a receiver is to
+the one core its GIL allows, and what concurrent associations cost it. Each round sends new SOP
 Instance UIDs (a receiver never sees a duplicate); the best round of each
 (receiver, case) is reported, the least disturbed on a shared machine.
 """
@@ -89,6 +92,10 @@ class CarinaReceiver:
         self.node = CarinaNode(work, stable_seconds=3600.0)
         self.port, self.ae = self.node.dicom_port, "CARINA"
 
+    @property
+    def pid(self) -> int:
+        return self.node.proc.pid
+
     def start(self):
         self.node.start()  # healthy: database, SCP and model up
 
@@ -109,6 +116,10 @@ class StorescpReceiver:
 
         self.dir, self.port, self.ae = work / "in", free_port(), "STORESCP"
         self.proc = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def start(self):
         from peers import accepts_connections, wait_until
@@ -140,6 +151,10 @@ class OrthancReceiver:
     def start(self):
         self.pacs.start()
         self.port = self.pacs.dicom_port
+
+    @property
+    def pid(self) -> int:
+        return self.pacs.proc.pid
 
     def count(self) -> int:
         from peers import http_json
@@ -175,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from peers import require_tool, wait_until
-    from record import machine, now_utc, write_result
+    from record import cpu_seconds, machine, now_utc, write_result
 
     for tool in ("dcmsend", "storescp", "Orthanc"):
         require_tool(tool)
     started_at = now_utc()
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="carina-bench-ingest-"))
-    best: dict[str, dict[str, float]] = {}
+    best: dict[str, dict[str, tuple[float, float]]] = {}  # receiver -> case -> (instances/s, CPU ms per instance)
     sizes: dict[str, int] = {}
     try:
         for round_no in range(args.rounds):
@@ -196,13 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                         files = make_files(work / "files" / f"{receiver.name}-{round_no}-{case}", count, side,
                                            f"{case}{round_no}")
                         sizes[case] = files[0].stat().st_size
+                        cpu_before = cpu_seconds(receiver.pid)
                         seconds = send(receiver.port, files, receiver.ae, associations)
+                        cpu_ms = 1000 * (cpu_seconds(receiver.pid) - cpu_before) / count
                         expected += count
                         wait_until(lambda: receiver.count() >= expected, 60, what=f"{receiver.name} holds every instance")
                         rate = count / seconds
                         best.setdefault(receiver.name, {})
-                        best[receiver.name][case] = max(best[receiver.name].get(case, 0.0), rate)
-                        print(f"round {round_no} {receiver.name} {case}: {rate:.1f} instances/s", file=sys.stderr)
+                        best[receiver.name][case] = max(best[receiver.name].get(case, (0.0, 0.0)), (rate, cpu_ms))
+                        print(f"round {round_no} {receiver.name} {case}: {rate:.1f} instances/s, "
+                              f"{cpu_ms:.2f} ms of CPU per instance", file=sys.stderr)
                         shutil.rmtree(work / "files" / f"{receiver.name}-{round_no}-{case}")
                 finally:
                     receiver.stop()
@@ -212,15 +230,14 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = {}
     for case in ("large", "small", "small_concurrent"):
-        carina = round(best["carina"][case], 1)
-        storescp = round(best["storescp"][case], 1)
-        orthanc = round(best["orthanc"][case], 1)
-        bare = round(best["pynetdicom"][case], 1)
+        carina, storescp, orthanc, bare = (round(best[name][case][0], 1)
+                                           for name in ("carina", "storescp", "orthanc", "pynetdicom"))
         cases[case] = {
             "instances": CASES["small" if case == "small_concurrent" else case][0],
             "instance_bytes": sizes[case],
             "associations": args.associations if case == "small_concurrent" else 1,
             "instances_per_s": {"carina": carina, "storescp": storescp, "orthanc": orthanc, "pynetdicom": bare},
+            "receiver_cpu_ms_per_instance": {name: round(rounds[case][1], 2) for name, rounds in best.items()},
             "carina_vs_storescp": round(carina / storescp, 2),
             "carina_vs_orthanc": round(carina / orthanc, 2),
             "carina_vs_pynetdicom": round(carina / bare, 2),

@@ -24,6 +24,12 @@ def best_ms(fn, repeats: int) -> float:
     return min(times)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def machine() -> dict:
     """Where the figures were measured: without this a throughput figure means nothing."""
     cpu_model = platform.processor() or platform.machine()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_scp.contexts import CHEST_CAPABLE_SOP_CLASSES
@@ -73,14 +73,24 @@ class Receiver:
                 self.metrics.received_bytes.inc(received.size_bytes)
 
 
+# The receiver's three lookups, built once with bound parameters: building a
+# statement's expression objects cost more of the C-STORE handler's time (and
+# so of the GIL it shares with every other association) than running it
+# (py-spy, bench/ingest.py). SQLAlchemy caches their compiled SQL either way.
+_KNOWN_CONTENT = select(Instance.sha256).join(Study, Study.id == Instance.study_id).where(
+    Study.calling_ae == bindparam("calling_ae"), Study.study_uid == bindparam("study_uid"),
+    Instance.sop_instance_uid == bindparam("sop_instance_uid"))
+_STUDY_FOR_UPDATE = select(Study).where(
+    Study.calling_ae == bindparam("calling_ae"), Study.study_uid == bindparam("study_uid")).with_for_update()
+_INSTANCE_OF_STUDY = select(Instance).where(
+    Instance.study_id == bindparam("study_id"), Instance.sop_instance_uid == bindparam("sop_instance_uid"))
+
+
 def known_content(db: Database, received: ReceivedInstance) -> str | None:
     """SHA-256 of what is stored under this (caller, study, SOP Instance UID), if anything."""
     with db.session() as s:
-        return s.scalar(
-            select(Instance.sha256).join(Study, Study.id == Instance.study_id).where(
-                Study.calling_ae == received.calling_ae, Study.study_uid == received.study_uid,
-                Instance.sop_instance_uid == received.sop_instance_uid)
-        ) or None
+        return s.scalar(_KNOWN_CONTENT, {"calling_ae": received.calling_ae, "study_uid": received.study_uid,
+                                         "sop_instance_uid": received.sop_instance_uid}) or None
 
 
 def record_instance(db: Database, received: ReceivedInstance, path: Path, sha256: str = "", attempts: int = 3) -> str:
@@ -100,11 +110,7 @@ def record_instance(db: Database, received: ReceivedInstance, path: Path, sha256
 def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -> str:
     with db.session() as s:
         t = server_now(s)
-        study = s.scalar(
-            select(Study)
-            .where(Study.calling_ae == received.calling_ae, Study.study_uid == received.study_uid)
-            .with_for_update()
-        )
+        study = s.scalar(_STUDY_FOR_UPDATE, {"calling_ae": received.calling_ae, "study_uid": received.study_uid})
         if study is None:
             study = Study(
                 calling_ae=received.calling_ae,
@@ -117,9 +123,7 @@ def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -
             )
             s.add(study)
             s.flush()
-        instance = s.scalar(
-            select(Instance).where(Instance.study_id == study.id, Instance.sop_instance_uid == received.sop_instance_uid)
-        )
+        instance = s.scalar(_INSTANCE_OF_STUDY, {"study_id": study.id, "sop_instance_uid": received.sop_instance_uid})
         chest = received.sop_class_uid in CHEST_CAPABLE_SOP_CLASSES
         if instance is None:
             instance = Instance(study_id=study.id, sop_instance_uid=received.sop_instance_uid, revision=1)

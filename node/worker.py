@@ -11,8 +11,12 @@ lease will expire and be taken again.
 While a stage runs, a heartbeat (node/lease.py) renews its lease every
 lease/3; a stage whose lease is lost stops before acting and cannot settle.
 An idle worker waits for `wake()` (called in-process when work is queued:
-a study completed, a job finished) or, at the latest, `pipeline.poll_seconds`
-(work queued by another process, a retry whose time has come). On shutdown
+a study completed, a job finished). One idle worker at a time, the pool's
+poller, also looks every `pipeline.poll_seconds` (work queued by another
+process, a retry whose time has come); a worker that claims a job wakes the
+next idle one, which claims the next job or becomes the poller. With every
+idle worker polling, six idle workers ran twelve claim transactions a second,
+each taking SQLite's write lock and the GIL from the receiver (bench/ingest.py). On shutdown
 the pool stops claiming, lets running stages finish within the
 grace period, and releases the leases of those still running, so another
 worker takes them at once instead of after the lease.
@@ -169,6 +173,7 @@ class WorkerPool:
         # waits only if nothing was queued since it last looked.
         self._queued = threading.Condition()
         self._generation = 0
+        self._poller: str | None = None  # the idle worker that polls; the others wait for wake()
 
     def start(self) -> None:
         for n in range(self.count):
@@ -181,7 +186,8 @@ class WorkerPool:
         release the leases of those still running (pending again, runnable
         now, the attempt not charged). Returns how many were released."""
         self._stop.set()
-        self.wake()
+        with self._queued:
+            self._queued.notify_all()
         deadline = time.monotonic() + grace
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -199,10 +205,13 @@ class WorkerPool:
         return released
 
     def wake(self) -> None:
-        """Work was queued in this process: idle workers claim it now rather than at their next poll."""
+        """Work was queued in this process: an idle worker claims it now rather
+        than at the next poll. One is woken; if it claims a job it wakes the
+        next (`_loop`), so a batch of work reaches as many workers as it needs
+        and no more claims run than there are jobs, plus one that finds none."""
         with self._queued:
             self._generation += 1
-            self._queued.notify_all()
+            self._queued.notify()
 
     def _loop(self, owner: str) -> None:
         while not self._stop.is_set():
@@ -214,8 +223,20 @@ class WorkerPool:
                 log.exception("worker %s: claim failed", owner)
                 busy = False
             if busy:
-                self.wake()  # its stage may have queued the next (deliveries to several destinations)
+                self.wake()  # more may be waiting, or its stage queued the next (deliveries to several destinations)
                 continue
             with self._queued:
                 if self._generation == seen and not self._stop.is_set():
-                    self._queued.wait(self.ctx.settings.pipeline.poll_seconds)
+                    self._idle(owner)
+
+    def _idle(self, owner: str) -> None:
+        """Wait for wake(); the poller (the first idle worker while there is
+        none) waits at most poll_seconds. Called with `_queued` held."""
+        polls = self._poller is None
+        if polls:
+            self._poller = owner
+        try:
+            self._queued.wait(self.ctx.settings.pipeline.poll_seconds if polls else None)
+        finally:
+            if polls:
+                self._poller = None

@@ -258,6 +258,41 @@ def test_an_idle_worker_is_woken_when_work_is_queued(db, tmp_path):
         pool.stop(5)
 
 
+def test_only_one_idle_worker_polls_the_queue(db, tmp_path, monkeypatch):
+    """WorkerPool: idle workers wait for wake(); one of them, the poller, also
+    looks every poll_seconds (work from another process, a retry come due).
+    With every idle worker polling, six idle workers ran twelve claim
+    transactions a second, each taking SQLite's write lock and the GIL."""
+    import threading
+
+    import node.worker
+    from node.config import Settings
+    from node.context import NodeContext
+    from node.worker import WorkerPool
+    from peers import wait_until
+
+    claims: list[str] = []
+    lock = threading.Lock()
+
+    def run_one(ctx, owner, running):
+        with lock:
+            claims.append(owner)
+        return False  # nothing to do
+
+    monkeypatch.setattr(node.worker, "run_one", run_one)
+    settings = Settings(storage={"data_dir": str(tmp_path)}, pipeline={"poll_seconds": 0.02})
+    pool = WorkerPool(NodeContext(settings=settings, db=db), 4)
+    pool.start()
+    try:
+        wait_until(lambda: len(claims) >= 30, 30, interval=0.01, what="thirty looks at the queue")
+    finally:
+        pool.stop(5)
+    first_looks = {owner: claims.index(owner) for owner in set(claims)}
+    assert len(first_looks) == 4  # every worker looked once when it started
+    polls = [owner for i, owner in enumerate(claims) if i != first_looks[owner]]
+    assert len(set(polls)) == 1, f"idle workers that polled: {sorted(set(polls))}"
+
+
 def test_a_later_stage_is_claimed_before_an_older_earlier_one(db):
     """A burst flows through study by study: another study's encode, capture or
     deliveries go before an infer queued earlier; deliveries before drawing,

@@ -202,6 +202,7 @@ def test_the_scp_s_associations_wait_for_work_not_for_a_tick(tmp_path, db, monke
     import pynetdicom.dul
     from pynetdicom import AE
 
+    from dicom_scp import sockets
     from dicom_scp.sockets import _DulTime, _ReactorTime
 
     assert isinstance(pynetdicom.dul.time, _DulTime) and isinstance(pynetdicom.association.time, _ReactorTime)
@@ -212,25 +213,62 @@ def test_the_scp_s_associations_wait_for_work_not_for_a_tick(tmp_path, db, monke
         assoc = ae.associate("127.0.0.1", scp.port, ae_title="CARINA")
         assert assoc.is_established
         (served,) = scp._server.active_associations
-        assert served._carina_waits_on_queue and served.dul._carina_wakeup is not None
+        assert served._carina_waits_for_work and served.dul._carina_wakeup is not None
+        dul_waits = []
+        monkeypatch.setattr(sockets, "select", _RecordingSelect(dul_waits))
         for _ in range(20):  # requests and responses flow through the hooked waits
             assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
+        assert served.is_released  # the reactor saw the peer's A-RELEASE: it sets the reactor's event
+        # Nothing reaches a hooked DUL without waking it, so its idle wait is IDLE_WAIT, not 1 ms.
+        assert dul_waits and min(dul_waits) >= sockets.IDLE_WAIT
         wait_until(lambda: served.dul._carina_wakeup is None, 10, what="the wake-up socket closed with the connection")
     finally:
+        monkeypatch.undo()
         scp.stop()
 
     me, real_sleep, calls = threading.current_thread(), time.sleep, []
     monkeypatch.setattr(time, "sleep", lambda s: calls.append(s) if threading.current_thread() is me else real_sleep(s))
     pynetdicom.association.time.sleep(0.001)  # not a hooked reactor: it sleeps
-    me._carina_waits_on_queue = True
+    me._carina_waits_for_work = True
     try:
         pynetdicom.association.time.sleep(0.001)  # a hooked reactor: it waits in get_msg instead
         pynetdicom.association.time.sleep(0.1)  # any other wait is left alone
     finally:
-        del me._carina_waits_on_queue
+        del me._carina_waits_for_work
         monkeypatch.undo()
     assert calls == [0.001, 0.1]
+
+
+class _RecordingSelect:
+    """`select` for dicom_scp.sockets that notes each timeout it is given."""
+
+    def __init__(self, timeouts: list[float]):
+        self.timeouts = timeouts
+
+    def select(self, rlist, wlist, xlist, timeout=None):
+        self.timeouts.append(timeout)
+        import select as select_module
+
+        return select_module.select(rlist, wlist, xlist, timeout)
+
+
+def test_a_queued_item_wakes_whoever_waits_for_it():
+    """dicom_scp/sockets.py: what the DUL hands up (a DIMSE message, an A-RELEASE,
+    an A-ABORT) sets the acceptor reactor's event after the item is in the queue,
+    so a reactor woken by it finds the item."""
+    import queue
+    import threading
+
+    from dicom_scp.sockets import _set_after_put
+
+    handed_up, work = queue.Queue(), threading.Event()
+    seen = []
+    original_set = work.set
+    work.set = lambda: (seen.append(handed_up.qsize()), original_set())
+    _set_after_put(handed_up, work)
+    handed_up.put(("1", "A-RELEASE"))
+    assert work.is_set() and seen == [1] and handed_up.get_nowait() == ("1", "A-RELEASE")
 
 
 def test_the_scu_gets_every_response_over_one_long_association(tmp_path, caplog):
