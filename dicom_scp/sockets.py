@@ -42,8 +42,10 @@ So a busy association never waits for a tick and an idle one wakes 50 times
 a second instead of 2000. Measured with
 bench/bare_pynetdicom_scp.py (the stack alone, no durable work) and Carina's
 receiver in bench/ingest.py; the figures are in README.md (Performance).
-The hooks replace two module-level `time` references and three methods of
-pynetdicom 3.0.4 objects (pinned in pyproject.toml), per association.
+The hooks replace two module-level `time` references and, per association,
+the DUL's `send_pdu` and `kill_dul`, the DIMSE provider's `get_msg` and the
+`put` of its message queue and of the DUL's queue to the user, all of
+pynetdicom 3.0.4 (pinned in pyproject.toml).
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ poller, also looks every `pipeline.poll_seconds` (work queued by another
 process, a retry whose time has come); a worker that claims a job wakes the
 next idle one, which claims the next job or becomes the poller. With every
 idle worker polling, six idle workers ran twelve claim transactions a second,
-each taking SQLite's write lock and the GIL from the receiver (bench/ingest.py). On shutdown
-the pool stops claiming, lets running stages finish within the
+each taking SQLite's write lock and the GIL from the receiver (bench/ingest.py).
+On shutdown the pool stops claiming, lets running stages finish within the
 grace period, and releases the leases of those still running, so another
 worker takes them at once instead of after the lease.
 """
