@@ -47,6 +47,37 @@ def study(db, uid="1.2.3"):
         return s.scalars(select(Study).where(Study.study_uid == uid)).one()
 
 
+def test_a_new_instance_of_a_known_study_is_written_as_the_orm_path_writes_it(db):
+    """node/receiver.py writes a new instance of a study already here as plain
+    rows (`_insert_new`); every other case goes through the ORM. The rows must
+    be the same: the instance, its first revision, the study touched, and a
+    processed study reopened."""
+    from node.db import Instance, InstanceRevision
+
+    def rows(sop):
+        with db.session() as s:
+            instance = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()
+            revision = s.scalars(select(InstanceRevision).where(InstanceRevision.instance_id == instance.id)).one()
+            described = {c: getattr(instance, c) for c in Instance.__table__.columns.keys()
+                         if c not in ("id", "sop_instance_uid", "received_at")}
+            return described, {c: getattr(revision, c) for c in ("revision", "sha256", "path", "size_bytes")}
+
+    assert record_instance(db, *stored(sop="1.1"), sha256="a" * 64) == "new"  # a new study: the ORM path
+    first = study(db)
+    assert record_instance(db, *stored(sop="1.2"), sha256="a" * 64) == "new"  # a known study: plain rows
+    assert rows("1.2") == rows("1.1")
+    touched = study(db)
+    assert touched.last_received_at >= first.last_received_at and touched.updated_at >= first.updated_at
+    assert record_instance(db, *stored(sop="1.3", sop_class=CT), sha256="b" * 64) == "new"
+    assert rows("1.3")[0]["state"] == "ignored" and rows("1.3")[0]["reason"]
+
+    with db.session() as s:  # processed: a new instance reopens it, as a late one does through the ORM
+        s.scalars(select(Study)).one().state = "done"
+    assert record_instance(db, *stored(sop="1.4"), sha256="c" * 64) == "new"
+    reopened = study(db)
+    assert reopened.state == "received" and reopened.reason == ""
+
+
 def test_study_completes_only_after_quiet_period(db):
     record_instance(db, *stored(sop="1.1"))
     t = now()
