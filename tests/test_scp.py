@@ -219,7 +219,9 @@ def test_the_scp_s_associations_wait_for_work_not_for_a_tick(tmp_path, db, monke
         for _ in range(20):  # requests and responses flow through the hooked waits
             assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
-        assert served.is_released  # the reactor saw the peer's A-RELEASE: it sets the reactor's event
+        # The reactor saw the peer's A-RELEASE (handed up by the DUL, it sets the reactor's event)
+        # and answered it; it marks the association released just after sending that answer.
+        wait_until(lambda: served.is_released, 10, what="the acceptor's reactor handling the release")
         # Nothing reaches a hooked DUL without waking it, so its idle wait is IDLE_WAIT, not 1 ms.
         assert dul_waits and min(dul_waits) >= sockets.IDLE_WAIT
         wait_until(lambda: served.dul._carina_wakeup is None, 10, what="the wake-up socket closed with the connection")
