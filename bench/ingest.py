@@ -24,9 +24,10 @@ Every instance each receiver was sent is checked to be there (rows, files,
 Orthanc's statistics) before its time counts. The CPU time each receiver's
 process used while the instances were sent (/proc, all its threads) is
 reported per instance, from the same best round: how near a receiver is to
-the one core its GIL allows, and what concurrent associations cost it. Each round sends new SOP
-Instance UIDs (a receiver never sees a duplicate); the best round of each
-(receiver, case) is reported, the least disturbed on a shared machine.
+the one core its GIL allows, and what concurrent associations cost it. Each
+round sends new SOP Instance UIDs (a receiver never sees a duplicate); the
+best round of each (receiver, case) is reported, the least disturbed on a
+shared machine.
 """
 from __future__ import annotations
 

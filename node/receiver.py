@@ -80,11 +80,6 @@ class Receiver:
 _KNOWN_CONTENT = select(Instance.sha256).join(Study, Study.id == Instance.study_id).where(
     Study.calling_ae == bindparam("calling_ae"), Study.study_uid == bindparam("study_uid"),
     Instance.sop_instance_uid == bindparam("sop_instance_uid"))
-_STUDY_FOR_UPDATE = select(Study).where(
-    Study.calling_ae == bindparam("calling_ae"), Study.study_uid == bindparam("study_uid")).with_for_update()
-_INSTANCE_OF_STUDY = select(Instance).where(
-    Instance.study_id == bindparam("study_id"), Instance.sop_instance_uid == bindparam("sop_instance_uid"))
-# The common case, a new instance of a study already here, as plain rows (see _record).
 _STUDY_ROW_FOR_UPDATE = select(Study.id, Study.state, Study.study_uid).where(
     Study.calling_ae == bindparam("calling_ae"), Study.study_uid == bindparam("study_uid")).with_for_update()
 _INSTANCE_ID_OF_STUDY = select(Instance.id).where(
@@ -127,10 +122,14 @@ def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -
         conn = s.connection()
         known = conn.execute(_STUDY_ROW_FOR_UPDATE, {"calling_ae": received.calling_ae,
                                                      "study_uid": received.study_uid}).first()
-        if known is not None and conn.execute(_INSTANCE_ID_OF_STUDY, {
-                "study_id": known.id, "sop_instance_uid": received.sop_instance_uid}).first() is None:
-            return _insert_new(conn, known, received, path, sha256, t)
-        study = s.scalar(_STUDY_FOR_UPDATE, {"calling_ae": received.calling_ae, "study_uid": received.study_uid})
+        instance_id = None
+        if known is not None:
+            instance_id = conn.execute(_INSTANCE_ID_OF_STUDY, {
+                "study_id": known.id, "sop_instance_uid": received.sop_instance_uid}).scalar()
+            if instance_id is None:
+                return _insert_new(conn, known, received, path, sha256, t)
+        # The rows found above, as ORM objects (the study's row is locked already).
+        study = s.get(Study, known.id) if known is not None else None
         if study is None:
             study = Study(
                 calling_ae=received.calling_ae,
@@ -143,7 +142,7 @@ def _record(db: Database, received: ReceivedInstance, path: Path, sha256: str) -
             )
             s.add(study)
             s.flush()
-        instance = s.scalar(_INSTANCE_OF_STUDY, {"study_id": study.id, "sop_instance_uid": received.sop_instance_uid})
+        instance = s.get(Instance, instance_id) if instance_id is not None else None
         chest = received.sop_class_uid in CHEST_CAPABLE_SOP_CLASSES
         if instance is None:
             instance = Instance(study_id=study.id, sop_instance_uid=received.sop_instance_uid, revision=1)
