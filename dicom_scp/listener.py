@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Callable
@@ -47,6 +49,9 @@ P_DATA_TF = 0x04
 OTHER_PDU_LIMIT = 1 << 20
 # Peers that count the PDU header into the maximum length are not worth an abort.
 PDU_TOLERANCE = 64
+# How long a process sharing its listening socket lets others take a new
+# connection first, per association it has open (AdmittingServer.get_request).
+SHARED_ACCEPT_DELAY = 0.002
 # A-ABORT, source: service provider (2), reason: invalid PDU parameter value (6).
 _A_ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])
 
@@ -256,19 +261,76 @@ class SupportedContexts(list):
 
 
 class AdmittingServer(ThreadedAssociationServer):
-    """A listener whose connections go through `_AdmittingHandler`."""
+    """A listener whose connections go through `_AdmittingHandler`.
+
+    Several processes may accept from one listening socket (node/intake_processes.py):
+    the process that made it calls `share()`, which makes its accepts
+    non-blocking, and the others pass it as `listening_socket`. All of them
+    select on the socket, and those that lose the race for a connection get
+    `BlockingIOError` from `accept()`, which socketserver ignores. A process
+    holds off `SHARED_ACCEPT_DELAY` per connection it has open before it
+    accepts, so the connections spread over the processes.
+    Only the process that made the socket shuts it down (`server_close`): a
+    shutdown acts on the socket every process shares, a close on one
+    process's descriptor only.
+    """
 
     # Handler threads wait for their association; stopping the listener must not.
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, *args, admission: Admission, **kwargs):
+    def __init__(self, *args, admission: Admission, listening_socket: socket.socket | None = None, **kwargs):
         self.admission = admission
+        self._inherited = listening_socket
+        self._shared = False
+        # Connections accepted and not yet ended (counted from the accept on, as
+        # an association's own thread starts a little later).
+        self._connections = 0
+        self._count_lock = threading.Lock()
         super().__init__(*args, request_handler=_AdmittingHandler, **kwargs)
         self.contexts = SupportedContexts(self.contexts)
 
+    def server_bind(self) -> None:
+        if self._inherited is None:
+            super().server_bind()
+            return
+        self.socket.close()  # the unbound one socketserver made
+        self.socket = self._inherited
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._inherited is None:  # an inherited socket is listening already
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._inherited is None:
+            super().server_close()
+        else:
+            self.socket.close()
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self._connections -= 1
+
+    def share(self) -> socket.socket:
+        """The listening socket, for other processes to accept from as well."""
+        self.socket.setblocking(False)
+        self._shared = True
+        return self.socket
+
     def get_request(self):
+        if self._inherited is not None or self._shared:
+            # Leave the connection to a process with fewer associations open, if
+            # one is there to take it: the kernel would give it to whichever
+            # process asks first, so four associations split 3:1 as often as 2:2.
+            # Bounded (a stopped sibling takes nothing), and only this thread waits.
+            time.sleep(SHARED_ACCEPT_DELAY * min(self._connections, 10))
         client, address = self.socket.accept()
+        with self._count_lock:
+            self._connections += 1
         if self.ssl_context:
             # The handshake happens on the connection's own thread (_AdmittingHandler).
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
@@ -276,10 +338,12 @@ class AdmittingServer(ThreadedAssociationServer):
 
 
 def start_listener(ae: "AE", address: tuple[str, int], admission: Admission, *,
-                   ssl_context: ssl.SSLContext | None, evt_handlers: list) -> AdmittingServer:
-    """Like `ae.start_server(address, block=False, ...)`, with the gate."""
+                   ssl_context: ssl.SSLContext | None, evt_handlers: list,
+                   listening_socket: socket.socket | None = None) -> AdmittingServer:
+    """Like `ae.start_server(address, block=False, ...)`, with the gate; on
+    `listening_socket` (another process's, `AdmittingServer.share`) if given."""
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=AdmittingServer, admission=admission)
+                            server_class=AdmittingServer, admission=admission, listening_socket=listening_socket)
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     kind = "TLS" if ssl_context else "TCP"
     threading.Thread(target=server.serve_forever, name=f"AcceptorServer-{kind}@{stamp}", daemon=True).start()

@@ -23,6 +23,7 @@ Status codes the C-STORE handler answers (PS3.4 Annex B.2.3):
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -153,6 +154,14 @@ def _status(status: int, comment: str) -> Dataset:
     return rsp
 
 
+@dataclass(frozen=True)
+class SharedSockets:
+    """Listening sockets (plain, TLS) that several processes accept from."""
+
+    plain: socket.socket | None
+    tls: socket.socket | None
+
+
 class StorageSCP:
     """The C-STORE/C-ECHO service on a plain listener and, optionally, a TLS one.
 
@@ -176,8 +185,11 @@ class StorageSCP:
         on_release: Callable[[str, list[str]], None] | None = None,
         on_association: AssociationCallback | None = None,
         on_reject: Callable[[str], None] | None = None,
+        listening_sockets: SharedSockets | None = None,
     ):
         self.accept = accept
+        # Another process's listening sockets, to accept from beside it (`share`).
+        self.listening_sockets = listening_sockets
         self.on_release = on_release
         self.on_association = on_association
         # Observer for counting (the node's metrics): a refused C-STORE's reason slug.
@@ -221,12 +233,23 @@ class StorageSCP:
             studies_of=self._pop_association,
             handshake_timeout=self.ae.acse_timeout or 30.0,
         )
-        self._server = start_listener(self.ae, self.address, admission, ssl_context=None, evt_handlers=handlers)
-        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, *self.address)
+        inherited = self.listening_sockets or SharedSockets(None, None)
+        self._server = start_listener(self.ae, self.address, admission, ssl_context=None, evt_handlers=handlers,
+                                      listening_socket=inherited.plain)
+        log.info("DICOM SCP %s listening on %s:%d", self.ae.ae_title, self.address[0], self.port)
         if self.tls is not None:
             self._tls_server = start_listener(self.ae, (self.address[0], self.tls.port), admission,
-                                              ssl_context=self.tls.context, evt_handlers=handlers)
+                                              ssl_context=self.tls.context, evt_handlers=handlers,
+                                              listening_socket=inherited.tls)
             log.info("DICOM SCP %s listening for TLS on %s:%d", self.ae.ae_title, self.address[0], self.tls_port)
+
+    def share(self) -> SharedSockets:
+        """The started listeners' sockets, for other processes to accept
+        associations from as well (a `listening_sockets` of their own SCP;
+        dicom_scp/listener.py `AdmittingServer`). Stopping this SCP stops them
+        all from accepting; stopping one of the others does not."""
+        assert self._server is not None, "start() first"
+        return SharedSockets(self._server.share(), self._tls_server.share() if self._tls_server else None)
 
     def stop(self, grace: float = 0.0) -> int:
         """Stop accepting associations at once (both listeners); let open ones

@@ -109,6 +109,10 @@ class DicomSettings(_Strict):
     # because a modality may send one study over several associations.
     complete_on_release: bool = False
     max_associations: int = Field(default=10, ge=1)
+    # Processes receiving on the DICOM ports (node/intake_processes.py): one
+    # process receives at most what one core does; N - 1 more share its
+    # listening sockets. max_associations applies to each process.
+    receiver_processes: int = Field(default=1, ge=1, le=32)
     # Who may send: an association from any other calling AE title, or from a
     # known one at another address, is rejected at negotiation. An empty list
     # stops start-up unless accept_any_peer is set explicitly.

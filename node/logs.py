@@ -55,6 +55,14 @@ def forward_to(records, level: str) -> None:
     _install(logging.handlers.QueueHandler(records), level)
 
 
+class Reroute(logging.Handler):
+    """In the parent: hands a child's record (`forward_to`) to the parent's logger of the same name."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        logging.getLogger(record.name).handle(record)
+        return True
+
+
 def _install(handler: logging.Handler, level: str) -> None:
     """`handler`, stamping the context fields, as the root logger's only handler."""
     handler.addFilter(_ContextFilter())

@@ -5,7 +5,8 @@ balancer, workers on GPU hosts and the API apart, all on one PostgreSQL
 database and one shared storage directory (`storage.data_dir`, an NFS or CSI
 volume); `all` (the default) is the single-process node:
 
-- `receiver`: the DICOM SCP with its durable intake, the HL7 v2 listener,
+- `receiver`: the DICOM SCP with its durable intake (in `dicom.receiver_processes`
+  processes: node/intake_processes.py), the HL7 v2 listener,
   and the node-wide schedulers: study completion and the retention purge
   (plus the start-up sweep and the syslog audit forwarder). Several
   receivers may run: completion claims quiet studies with FOR UPDATE SKIP
@@ -48,7 +49,6 @@ import gc
 import logging
 import os
 import signal
-import tempfile
 import threading
 import time
 from functools import partial
@@ -56,20 +56,18 @@ from functools import partial
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_scp.events import AssociationEvent
-from dicom_scp.peers import Peer, PeerPolicy
+from dicom_scp.peers import PeerPolicy
 from dicom_scp.scp import StorageSCP
-from dicom_scp.tls import TlsListener, server_context
+from dicom_scp.tls import TlsListener
 from node import logs
 from node.api.app import create_app, create_probe_app
 from node.audit import events
-from node.audit.associations import association_auditor
-from node.completion import complete_quiet_studies
 from node.config import ConfigError, Settings, check_serve
 from node.context import NodeContext
 from node.db import Database
 from node.fhir_store import reindex_missing
-from node.receiver import Receiver, record_release
+from node.intake import Intake, peer_policy, prepare_storage, tls_listener
+from node.intake_processes import IntakeProcesses
 from node.roles import ROLE_PARTS, ROLES, runs
 from node.worker import WorkerPool
 
@@ -83,15 +81,6 @@ def configure_logging(settings: Settings | None = None) -> None:
         return
     lg = settings.logging
     logs.configure(lg.level, fmt=lg.format, file=lg.file, max_bytes=lg.max_bytes, backup_count=lg.backup_count)
-
-
-def prepare_storage(ctx: NodeContext) -> None:
-    for d in (ctx.instances_dir, ctx.outputs_dir, ctx.work_dir, ctx.tmp_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    # pynetdicom streams C-STORE data to tempfile's directory; keeping it on
-    # the storage filesystem makes the final placement an atomic link/rename.
-    # Partial uploads a crash left there are removed by the start-up sweep.
-    tempfile.tempdir = str(ctx.tmp_dir)
 
 
 def freeze_start_up_heap() -> None:
@@ -136,45 +125,6 @@ def load_engine(ctx: NodeContext) -> None:
         manager.start_watching_only()
 
 
-ACCEPT_ANY_PEER_WARNING = (
-    "dicom.accept_any_peer is set: any calling AE title from any address may push studies; "
-    "list the senders in dicom.peers"
-)
-
-
-def peer_policy(ctx: NodeContext) -> PeerPolicy:
-    dicom = ctx.settings.dicom
-    if dicom.accept_any_peer:
-        log.warning("%s", ACCEPT_ANY_PEER_WARNING)
-        ctx.warnings.append(ACCEPT_ANY_PEER_WARNING)
-        return PeerPolicy.any_peer()
-    return PeerPolicy(Peer(p.ae_title, p.host) for p in dicom.peers)
-
-
-def tls_listener(settings: Settings) -> TlsListener | None:
-    tls = settings.dicom.tls
-    if tls is None:
-        return None
-    try:
-        context = server_context(certificate=tls.certificate, private_key=tls.private_key,
-                                 ca_certificates=tls.ca_certificates,
-                                 require_client_certificate=tls.require_client_certificate)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"dicom.tls: cannot load the certificate, key or CA bundle: {exc}") from None
-    return TlsListener(tls.port, context)
-
-
-def log_association(event: AssociationEvent) -> None:
-    """Logs the associations that ended without a release (AE title, address and
-    a count, never PHI). Rejections are logged by dicom_scp, releases that
-    brought studies by node/receiver.py `record_release`."""
-    if event.kind != "aborted":
-        return
-    how = " over TLS" if event.tls else ""
-    log.warning("association from %s at %s:%d%s ended without release after %d study(ies): %s", event.calling_ae,
-                event.peer_address, event.peer_port, how, len(event.study_uids), event.reason)
-
-
 class Node:
     """All parts of a running node (those of its role); start() then stop()."""
 
@@ -189,17 +139,9 @@ class Node:
         self.workers: WorkerPool | None = None
         self.hl7_listener = None  # node.mllp_listener.MllpListener when hl7_listener.enabled
         self.syslog = None  # node.audit.syslog.SyslogForwarder when audit.syslog.enabled
-        # The SCP's on_association callback (dicom_scp/events.py): one audit record
-        # per inbound association, and a log line for those that were aborted.
-        audit = association_auditor(self.ctx.db, self.ctx.audit, settings.dicom.ae_title)
-
-        def on_association(event: AssociationEvent) -> None:
-            if event.kind == "accepted":
-                self.ctx.metrics.associations.inc()
-            log_association(event)
-            audit(event)
-
-        self.on_association = on_association
+        self.intake = Intake(self.ctx, wake_workers=self._wake_workers)
+        # More processes receiving on the SCP's sockets (dicom.receiver_processes).
+        self.intake_processes: IntakeProcesses | None = None
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -246,32 +188,32 @@ class Node:
         log.info("node started as role %s", role)
 
     def _start_scp(self, policy: PeerPolicy, tls: TlsListener | None) -> None:
-        ctx, s = self.ctx, self.ctx.settings
-        self.scp = StorageSCP(
-            ae_title=s.dicom.ae_title,
-            host=s.dicom.host,
-            port=s.dicom.port,
-            accept=Receiver(ctx.db, ctx.instances_dir, s.storage.min_free_mb, ctx.metrics),
-            peers=policy,
-            max_associations=s.dicom.max_associations,
-            max_pdu_bytes=s.dicom.max_pdu_bytes,
-            max_inflated_bytes=s.dicom.max_inflated_bytes,
-            tls=tls,
-            on_release=self._released,
-            on_reject=lambda reason: ctx.metrics.instances_rejected.labels(reason).inc(),
-            on_association=self.on_association,
-        )
-        ctx.metrics.associations_active.set_function(lambda: self.scp.active_associations if self.scp else 0)
+        ctx = self.ctx
+        self.scp = self.intake.scp(policy, tls)
+        ctx.metrics.associations_active.set_function(self._active_associations)
         ctx.scp = self.scp
         self.scp.start()
+        extra = ctx.settings.dicom.receiver_processes - 1
+        if extra:
+            self.intake_processes = IntakeProcesses(ctx.settings, self.scp.share(), extra, ctx.metrics,
+                                                    self._wake_workers)
+            self.intake_processes.start()
         ctx.ready["scp"] = True
+
+    def _active_associations(self) -> int:
+        here = self.scp.active_associations if self.scp else 0
+        return here + (self.intake_processes.active_associations if self.intake_processes else 0)
+
+    def _wake_workers(self) -> None:
+        if self.workers:
+            self.workers.wake()
 
     def _start_schedulers(self) -> None:
         """Study completion and the retention purge: safe on several replicas (module docstring)."""
         s = self.ctx.settings
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
-            self._complete_studies,
+            self.intake.complete_studies,
             "interval",
             # Latency from the end of a study's window is at most one tick; the
             # query is one indexed SELECT that finds nothing most of the time.
@@ -289,18 +231,6 @@ class Node:
                 id="retention-purge", next_run_time=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5),
             )
         self.scheduler.start()
-
-    def _complete_studies(self) -> None:
-        s = self.ctx.settings.dicom
-        if complete_quiet_studies(self.ctx.db, s.stable_seconds, on_release=s.complete_on_release) and self.workers:
-            self.workers.wake()
-
-    def _released(self, calling_ae: str, study_uids: list[str]) -> None:
-        """An association that brought studies was released (node/receiver.py
-        `record_release`); with dicom.complete_on_release they complete now."""
-        record_release(self.ctx.db, calling_ae, study_uids)
-        if self.ctx.settings.dicom.complete_on_release:
-            self._complete_studies()
 
     def _purge(self, purge) -> None:
         try:
@@ -356,6 +286,8 @@ class Node:
             self.scheduler = None
         results: dict[str, int] = {}
         parts = []
+        if self.intake_processes:  # first: they stop accepting before the sockets they share are shut
+            parts.append(threading.Thread(target=self.intake_processes.drain, args=(grace,), name="drain-intake"))
         if self.scp:
             parts.append(threading.Thread(target=lambda: results.__setitem__("aborted", self.scp.stop(grace)),
                                           name="drain-scp"))
@@ -379,6 +311,8 @@ class Node:
         self._stopping.set()
         if self.hl7_listener:
             self.hl7_listener.stop()
+        if self.intake_processes:
+            self.intake_processes.drain(0)  # at once if drain() has run, else as a second signal does
         if self.scp:
             self.scp.stop()
         if self.scheduler:

@@ -456,11 +456,25 @@ def children_of(pid: int) -> list[int]:
 
 
 def is_stage_process(pid: int) -> bool:
-    """Alive and spawned by multiprocessing to run tasks (not its resource tracker; a zombie has no cmdline)."""
+    """Alive and spawned by multiprocessing to run tasks (not its resource tracker, nor a receiving
+    process, node/intake_processes.py; a zombie has no cmdline)."""
     try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not is_intake_process(pid)
     except FileNotFoundError:
         return False
+
+
+def is_intake_process(pid: int) -> bool:
+    """A node's extra receiving process (`dicom.receiver_processes`), alive, by the name it gives itself."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "carina-intake" \
+            and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+
+
+def intake_processes_of(pid: int) -> list[int]:
+    return [child for child in children_of(pid) if is_intake_process(child)]
 
 
 def stage_processes_of(pid: int) -> list[int]:

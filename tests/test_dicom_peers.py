@@ -154,7 +154,7 @@ def test_serve_refuses_to_start_without_peers_unless_any_peer_is_explicit(tmp_pa
     assert proc.returncode == 2 and "not both" in proc.stderr, proc.stderr
 
     # Explicit: start-up warns, readiness carries the warning, anyone may associate.
-    from node.service import ACCEPT_ANY_PEER_WARNING, peer_policy
+    from node.intake import ACCEPT_ANY_PEER_WARNING, peer_policy
 
     ctx = NodeContext(settings=Settings(dicom={"accept_any_peer": True}), db=None)
     assert peer_policy(ctx).check("ANYONE", "192.0.2.1").accepted

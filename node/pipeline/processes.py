@@ -60,7 +60,7 @@ class StageProcesses:
         self._lifeline, self._lifeline_end = self._mp.Pipe(duplex=False)
         # Records from the children are handled by the parent's loggers, so they
         # reach whatever handlers (stderr, rotating file, JSON) the node configured.
-        self._listener = logging.handlers.QueueListener(self._records, _Reroute())
+        self._listener = logging.handlers.QueueListener(self._records, logs.Reroute())
         self._listener.start()
 
     def start(self) -> None:
@@ -110,14 +110,6 @@ class StageProcesses:
                 self._pool = None
         log.error("a stage process died; its job will run again in a new one")
         broken.shutdown(wait=False, cancel_futures=True)
-
-
-class _Reroute(logging.Handler):
-    """Hands a child's record to the parent's logger of the same name."""
-
-    def handle(self, record: logging.LogRecord) -> bool:
-        logging.getLogger(record.name).handle(record)
-        return True
 
 
 # In a stage process: the context its stages run with, and the stages, set up once by `_child_init`.
