@@ -70,6 +70,7 @@ class _Slot:
     conn: multiprocessing.connection.Connection | None = None
     started_at: float = 0.0
     active_associations: int = 0
+    starts: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
 
 
@@ -96,8 +97,11 @@ class IntakeProcesses:
         self._supervisor.start()
         deadline = time.monotonic() + READY_TIMEOUT
         for slot in self._slots:
-            if not slot.ready.wait(max(0.0, deadline - time.monotonic())):
-                log.error("receiving process %d did not start listening within %.0f s", slot.index, READY_TIMEOUT)
+            # Not past a first start that failed: the supervisor keeps trying, and the node starts meanwhile.
+            while not slot.ready.wait(0.1):
+                if slot.starts > 1 or time.monotonic() > deadline:
+                    log.error("receiving process %d did not start listening; see its log above", slot.index)
+                    break
         log.info("%d more receiving process(es) accept on the DICOM port", self.listening)
 
     @property
@@ -140,6 +144,7 @@ class IntakeProcesses:
             process.start()
             child_end.close()  # the child's copy is the only one left: its EOF is the child's end
             slot.process, slot.conn, slot.started_at = process, parent_end, time.monotonic()
+            slot.starts += 1
             slot.active_associations = 0
             slot.ready.clear()
 
