@@ -87,11 +87,13 @@ class IntakeProcesses:
         # Records from the children are handled by the parent's loggers, so they
         # reach whatever handlers (stderr, rotating file, JSON) the node configured.
         self._listener = logging.handlers.QueueListener(self._records, logs.Reroute())
+        self._relaying_logs = False
         self._supervisor = threading.Thread(target=self._supervise, name="intake-processes", daemon=True)
 
     def start(self) -> None:
         """Spawn every process and wait until each listens (or READY_TIMEOUT has passed)."""
         self._listener.start()
+        self._relaying_logs = True
         for slot in self._slots:
             self._spawn(slot)
         self._supervisor.start()
@@ -131,7 +133,8 @@ class IntakeProcesses:
                 process.kill()
                 process.join()
         self._supervisor.join(2 * REPORT_SECONDS)
-        if self._listener._thread is not None:  # a second drain() (the node's stop after its drain)
+        if self._relaying_logs:  # not at a second drain() (the node's stop after its drain)
+            self._relaying_logs = False
             self._listener.stop()
 
     def _spawn(self, slot: _Slot) -> None:
@@ -158,9 +161,14 @@ class IntakeProcesses:
             for conn in multiprocessing.connection.wait(list(by_conn), timeout=REPORT_SECONDS):
                 slot = by_conn[conn]
                 try:
-                    self._apply(slot, conn.recv())
+                    message = conn.recv()
                 except (EOFError, OSError):
                     self._ended(slot)
+                    continue
+                try:
+                    self._apply(slot, message)
+                except Exception:  # this thread must outlive a bad report
+                    log.exception("receiving process %d: report not applied", slot.index)
 
     def _apply(self, slot: _Slot, message: tuple) -> None:
         kind = message[0]
