@@ -27,8 +27,8 @@ Orthanc's statistics) before its time counts. The CPU time each receiver's
 process used while the instances were sent (/proc, all its threads) is
 reported per instance (Carina: the node and its child processes), from the
 same best round: how near a receiver is to the one core a GIL allows, and
-what concurrent associations cost it. Each
-round sends new SOP Instance UIDs (a receiver never sees a duplicate); the
+what concurrent associations cost it; so is how many associations each of
+its processes held (`AssociationSplit`). Each round sends new SOP Instance UIDs (a receiver never sees a duplicate); the
 best round of each (receiver, case) is reported, the least disturbed on a
 shared machine.
 """
@@ -37,11 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +88,37 @@ def send(port: int, files: list[Path], called_ae: str, associations: int = 1) ->
         if proc.returncode != 0:
             raise RuntimeError(f"dcmsend failed: {out.decode(errors='replace')[-2000:]}")
     return elapsed
+
+
+class AssociationSplit:
+    """Which process held each connection to `port` while the block ran (iproute2's `ss`, five
+    times a second: each association lasts the whole send): how the concurrent associations
+    spread over a node's receiving processes."""
+
+    def __init__(self, port: int):
+        self.port, self.seen, self._done = port, {}, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> "AssociationSplit":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{self.port} )"],
+                                 capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                match = re.search(r"(\S+:\d+)\s+users:\(\(\"[^\"]*\",pid=(\d+)", line)
+                if match:
+                    self.seen[match.group(1)] = int(match.group(2))
+
+    @property
+    def per_process(self) -> list[int]:
+        return sorted(Counter(self.seen.values()).values(), reverse=True)
 
 
 class CarinaReceiver:
@@ -228,15 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                         sizes[case] = files[0].stat().st_size
                         pids = receiver.pids
                         cpu_before = sum(map(cpu_seconds, pids))
-                        seconds = send(receiver.port, files, receiver.ae, associations)
+                        with AssociationSplit(receiver.port) as split:
+                            seconds = send(receiver.port, files, receiver.ae, associations)
                         cpu_ms = 1000 * (sum(map(cpu_seconds, pids)) - cpu_before) / count
                         expected += count
                         wait_until(lambda: receiver.count() >= expected, 60, what=f"{receiver.name} holds every instance")
                         rate = count / seconds
                         best.setdefault(receiver.name, {})
-                        best[receiver.name][case] = max(best[receiver.name].get(case, (0.0, 0.0)), (rate, cpu_ms))
+                        best[receiver.name][case] = max(best[receiver.name].get(case, (0.0, 0.0, [])),
+                                                        (rate, cpu_ms, split.per_process))
                         print(f"round {round_no} {receiver.name} {case}: {rate:.1f} instances/s, "
-                              f"{cpu_ms:.2f} ms of CPU per instance", file=sys.stderr)
+                              f"{cpu_ms:.2f} ms of CPU per instance, associations per process "
+                              f"{split.per_process}", file=sys.stderr)
                         shutil.rmtree(work / "files" / f"{receiver.name}-{round_no}-{case}")
                 finally:
                     receiver.stop()
@@ -256,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             "instances_per_s": {"carina": carina, "carina_2_processes": two, "storescp": storescp, "orthanc": orthanc,
                                 "pynetdicom": bare},
             "receiver_cpu_ms_per_instance": {name: round(rounds[case][1], 2) for name, rounds in best.items()},
+            # How the associations spread over each receiver's processes, in the same round.
+            "associations_per_process": {name: rounds[case][2] for name, rounds in best.items()},
             "carina_vs_storescp": round(carina / storescp, 2),
             "carina_vs_orthanc": round(carina / orthanc, 2),
             "carina_vs_pynetdicom": round(carina / bare, 2),
